@@ -151,16 +151,14 @@ def _prompt_of(rec, p: TokenPair):
 
 
 def _decode(tokenizer, ids):
-    for name in ("decode",):
-        fn = getattr(tokenizer, name, None)
-        if fn is not None:
-            try:
-                return fn(ids, skip_special_tokens=True)
-            except TypeError:
-                return fn(ids)
-    inner = getattr(tokenizer, "tokenizer", None)
-    if inner is not None:
-        return _decode(inner, ids)
+    fn = getattr(tokenizer, "decode", None)
+    if fn is None:
+        raise TypeError(f"cannot decode with {type(tokenizer).__name__}")
+    for kw in ({"skip_special": True}, {"skip_special_tokens": True}, {}):
+        try:
+            return fn(ids, **kw)
+        except TypeError:
+            continue
     raise TypeError(f"cannot decode with {type(tokenizer).__name__}")
 
 

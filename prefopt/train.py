@@ -381,35 +381,27 @@ def prepare_pairs(model, pairs, config: TrainConfig, what: str = "train") -> tup
 
 def _tokenize_records(model, records, config: TrainConfig, what: str) -> list:
     tok = getattr(model, "tokenizer", None)
-    if tok is None:
+    if tok is None or not hasattr(tok, "encode_pair"):
         raise ValueError(f"the {what} pairs are text; pass a loaded model with a tokenizer "
                          f"(prefopt.load) or tokenise them first")
-    from . import tokenize as tk
-
-    chat = tok if hasattr(tok, "encode_pair") else tk.ChatTokenizer(tok)
     from . import data as pdata
 
+    if not all(isinstance(r, pdata.PreferencePair) for r in records):
+        plain = [r for r in records if not isinstance(r, pdata.PreferencePair)]
+        parsed = iter(pdata.load_pairs(plain))
+        records = [r if isinstance(r, pdata.PreferencePair) else next(parsed) for r in records]
     out = []
     for i, rec in enumerate(records):
-        if isinstance(rec, dict) and hasattr(pdata, "normalize_record"):
-            rec = pdata.normalize_record(rec, i)
-        enc = chat.encode_pair(rec, max_length=config.max_length,
-                               max_prompt_length=config.max_prompt_length)
+        enc, _reason = tok.encode_pair(rec.prompt, rec.chosen, rec.rejected,
+                                       max_length=config.max_length,
+                                       max_prompt_length=config.max_prompt_length, id=rec.id,
+                                       metadata=rec.metadata)
         if enc is None:
             continue
-        out.append(_from_encoded(enc, rec, i))
+        tp = batching.as_token_pair(enc, i)
+        out.append(dataclasses.replace(tp, id=str(rec.id), record=rec,
+                                       slice=None if rec.slice is None else str(rec.slice)))
     return out
-
-
-def _from_encoded(enc, rec, i) -> TokenPair:
-    tp = batching.as_token_pair(enc, i)
-    if tp.record is None:
-        tp = dataclasses.replace(tp, record=rec)
-    if tp.slice is None:
-        s = rec.get("slice") if isinstance(rec, dict) else getattr(rec, "slice", None)
-        if s is not None:
-            tp = dataclasses.replace(tp, slice=str(s))
-    return tp
 
 
 # ---------------------------------------------------------------------------------------------
