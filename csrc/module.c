@@ -86,7 +86,79 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *arg) {
 /* section: quant (dequantisers)                                             */
 /* ------------------------------------------------------------------------ */
 
-#define PF_QUANT_METHODS
+#include "quant.h"
+
+/* dequantize(ggml_type: int, raw: uint8 ndarray, n_elements: int) -> float32 [n_elements].
+ * raw (any shape, C-contiguous uint8) must hold exactly the bytes of n_elements. */
+static PyObject *py_dequantize(PyObject *self, PyObject *args) {
+    int type;
+    PyObject *raw_obj;
+    Py_ssize_t n;
+    if (!PyArg_ParseTuple(args, "iOn:dequantize", &type, &raw_obj, &n)) return NULL;
+    if (n < 0) {
+        PyErr_Format(PyExc_ValueError, "n_elements must be >= 0, got %zd", n);
+        return NULL;
+    }
+    pf_status st = {0};
+    size_t need;
+    if (pf_ggml_nbytes(type, (size_t)n, &need, &st)) return pf_status_to_exc(&st);
+    PyArrayObject *raw = pf_as_array(raw_obj, NPY_UINT8, -1, "raw");
+    if (!raw) return NULL;
+    size_t have = (size_t)PyArray_NBYTES(raw);
+    if (have != need) {
+        PyErr_Format(PyExc_ValueError, "%zd elements of %s need %zu bytes, raw has %zu", n,
+                     pf_ggml_type_name(type), need, have);
+        Py_DECREF(raw);
+        return NULL;
+    }
+    npy_intp dims[1] = {(npy_intp)n};
+    PyArrayObject *out = (PyArrayObject *)PyArray_SimpleNew(1, dims, NPY_FLOAT32);
+    if (!out) {
+        Py_DECREF(raw);
+        return NULL;
+    }
+    const uint8_t *src = (const uint8_t *)PyArray_DATA(raw);
+    float *dst = (float *)PyArray_DATA(out);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pf_dequantize(type, src, have, dst, (size_t)n, &st);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(raw);
+    if (rc) {
+        Py_DECREF(out);
+        return pf_status_to_exc(&st);
+    }
+    return (PyObject *)out;
+}
+
+/* ggml_type_info(ggml_type: int) -> (name, block_elems, block_bytes); ValueError if unsupported. */
+static PyObject *py_ggml_type_info(PyObject *self, PyObject *arg) {
+    long t = PyLong_AsLong(arg);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    if (t < INT32_MIN || t > INT32_MAX) {
+        PyErr_Format(PyExc_ValueError, "ggml type id %ld out of range", t);
+        return NULL;
+    }
+    pf_status st = {0};
+    size_t be, bb;
+    if (pf_ggml_type_info((int)t, &be, &bb, &st)) return pf_status_to_exc(&st);
+    return Py_BuildValue("(snn)", pf_ggml_type_name((int)t), (Py_ssize_t)be, (Py_ssize_t)bb);
+}
+
+/* ggml_type_name(ggml_type: int) -> str ("unknown" if not a ggml id). */
+static PyObject *py_ggml_type_name(PyObject *self, PyObject *arg) {
+    long t = PyLong_AsLong(arg);
+    if (t == -1 && PyErr_Occurred()) return NULL;
+    if (t < INT32_MIN || t > INT32_MAX) return PyUnicode_FromString("unknown");
+    return PyUnicode_FromString(pf_ggml_type_name((int)t));
+}
+
+#define PF_QUANT_METHODS                                                                        \
+    {"dequantize", py_dequantize, METH_VARARGS,                                                \
+     "dequantize(ggml_type, raw uint8 ndarray, n_elements) -> float32 ndarray (GIL released)."}, \
+    {"ggml_type_info", py_ggml_type_info, METH_O,                                               \
+     "ggml_type_info(ggml_type) -> (name, block_elems, block_bytes); ValueError if unsupported."}, \
+    {"ggml_type_name", py_ggml_type_name, METH_O, "Name of a ggml type id, or 'unknown'."},
 
 /* ------------------------------------------------------------------------ */
 /* section: loss and optimizer                                               */
