@@ -363,3 +363,19 @@ def test_epoch_covers_every_pair_once(tmp_path):
                               eval_every=0), tmp_path, progress=False)
     packed = sorted(batching.pack([p])[0].tobytes() for p in pairs)
     assert sorted(seen) == packed
+
+
+def test_continue_adapter_uses_it_as_reference(tmp_path):
+    tr = random_pairs(8, VOCAB)
+    first = train(ToyModel(), tr, None, cfg(max_steps=3, eval_every=0), tmp_path / "a",
+                  progress=False)
+    m = ToyModel()
+    r = train(m, tr, random_pairs(4, VOCAB, seed=2), cfg(max_steps=2, eval_every=0),
+              tmp_path / "b", progress=False, init_adapter=first.adapter_path)
+    e = r.train_entries()[0]
+    # the reference is the starting adapter, so DPO starts at ln 2 again, margins 0
+    assert e["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert e["rewards/margins"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="does not match"):
+        train(ToyModel(), tr, None, cfg(lora_rank=3), tmp_path / "c", progress=False,
+              init_adapter=first.adapter_path)
