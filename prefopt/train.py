@@ -50,7 +50,7 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 SCHEDULES = ("linear", "cosine", "constant")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
-DEFAULT_GAMMA_BETA_RATIO = 0.5
+DEFAULT_GAMMA_BETA_RATIO = 0.25  # the SimPO repository's default (prefopt.objectives)
 
 # Parameters that belong to one objective (an ablation sets them per objective).
 OBJECTIVE_FIELDS = ("objective", "loss_type", "beta", "label_smoothing", "gamma",
@@ -76,7 +76,7 @@ class TrainConfig:
       gamma: SimPO's absolute target margin (TRL's ``simpo_gamma``).
       gamma_beta_ratio: SimPO repo's parameter, gamma = beta * gamma_beta_ratio.
         Set at most one of ``gamma`` and ``gamma_beta_ratio``; with neither, SimPO uses
-        gamma_beta_ratio = 0.5 (the SimPO authors' starting point). ``resolved_gamma`` is the
+        gamma_beta_ratio = 0.25 (the SimPO repository's default). ``resolved_gamma`` is the
         value used.
       sft_weight: SimPO's optional NLL term on chosen tokens (token mean), default 0.
       orpo_lambda: ORPO's odds-ratio weight (TRL's ORPO ``beta``), default 0.1.
@@ -277,11 +277,19 @@ class TrainConfig:
         return tuple(sorted(out, key=LORA_TARGETS.index))
 
     def objective_dict(self) -> dict:
-        """The C core's objective dict (csrc/README.md)."""
-        kind = self.loss_type if self.objective == "dpo" and self.loss_type != "sigmoid" else self.objective
-        return {"kind": kind, "beta": self.resolved_beta,
-                "label_smoothing": float(self.label_smoothing), "gamma": self.resolved_gamma,
-                "sft_weight": float(self.sft_weight), "lambda": float(self.orpo_lambda)}
+        """The C core's objective dict (csrc/README.md), built by prefopt.objectives."""
+        from .objectives import objective_params
+
+        if self.objective == "dpo":
+            kind = self.loss_type if self.loss_type != "sigmoid" else "dpo"
+            kw = {"beta": self.resolved_beta}
+            if kind == "dpo":
+                kw["label_smoothing"] = float(self.label_smoothing)
+            return objective_params(kind, **kw)
+        if self.objective == "simpo":
+            return objective_params("simpo", beta=self.resolved_beta, gamma=self.resolved_gamma,
+                                    sft_weight=float(self.sft_weight))
+        return objective_params("orpo", lam=float(self.orpo_lambda))
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)

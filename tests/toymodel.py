@@ -8,7 +8,7 @@ p(token_t | token_{t-1}) = softmax(E[prev] @ M @ E^T), M = W + s * sum_t B_t A_t
 """
 import numpy as np
 
-from prefopt.evaluate import objective_terms
+from prefopt.evaluate import objective_terms_numpy as objective_terms
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
