@@ -103,6 +103,13 @@ def test_fixed_settings(runs):
     fixed, varying = fixed_settings(runs)
     assert fixed["seed"] == 0 and fixed["steps"] == 20
     assert set(varying) == {"objective", "rank", "beta"}
+    # nested settings are flattened; repeats of a top-level setting are dropped
+    for r in runs:
+        r.settings["fixed"] = {"seed": 0, "split_seed": 7, "ids": list(range(20))}
+    fixed, varying = fixed_settings(runs)
+    assert fixed["fixed.split_seed"] == 7 and "fixed.seed" not in fixed
+    runs[0].settings["fixed"]["split_seed"] = 8
+    assert fixed_settings(runs)[1]["fixed.split_seed"] == [8, 7, 7, 7]
 
 
 def test_report_md(runs, tmp_path):
@@ -117,6 +124,7 @@ def test_report_md(runs, tmp_path):
     assert "McNemar" in text and "Wilson" in text and "bootstrap" in text
     assert "one pair is 8.33 accuracy points" in text
     assert "| seed | 0 |" in text                     # fixed settings
+    assert "| heldout_ids | h0..h11 |" in text
     assert "](plots/margins.png)" in text and (out / "plots" / "margins.png").exists()
     assert "logs/A.jsonl" in text
     assert (out / "verdict.json").exists() and (out / "runs.json").exists()
