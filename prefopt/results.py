@@ -175,7 +175,7 @@ class EvalResult:
         """Mean per-pair margin (``avg`` or ``ref``); NaN if no pairs."""
         sel = self.select(slice)
         _check_metric(metric)
-        return (sum(p.margin(metric) for p in sel) / len(sel)) if sel else float("nan")
+        return (math.fsum(p.margin(metric) for p in sel) / len(sel)) if sel else float("nan")
 
     def mean_score(self, slice: Optional[str] = None) -> Optional[float]:
         """Mean user-scorer value over the pairs that have one, or None."""
