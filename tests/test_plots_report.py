@@ -130,3 +130,22 @@ def test_report_md(runs, tmp_path):
     assert (out / "verdict.json").exists() and (out / "runs.json").exists()
     for p in (out / "plots").iterdir():
         _png_ok(p)
+
+
+def test_without_matplotlib_clear_error_and_report_still_written(runs, tmp_path, monkeypatch):
+    import sys
+    for m in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, m)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'prefopt\[plots\]'"):
+        plots.plot_margins(runs, tmp_path / "m.png")
+    text = write_report(runs, tmp_path / "r", n_boot=200).read_text()
+    assert "Plots skipped" in text and "prefopt[plots]" in text
+    assert not (tmp_path / "r" / "plots").exists()
+
+
+def test_table_without_pandas_is_a_list_of_dicts(runs, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    rows = table(runs)
+    assert isinstance(rows, list) and rows[1]["run"] == "B" and rows[1]["objective"] == "SimPO"
