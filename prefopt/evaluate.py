@@ -44,10 +44,21 @@ def _log1mexp(a):
 
 
 def objective_terms(obj: dict, Lc, Lr, Rc, Rr, nc, nr) -> dict:
-    """Per-pair loss and TRL metrics of objective ``obj`` (the core's objective dict:
-    kind dpo|ipo|hinge|simpo|orpo, beta, label_smoothing, gamma, sft_weight, lambda).
+    """Per-pair loss and TRL metrics of objective ``obj`` (the core's objective dict), computed
+    by the C core (``_core.objective_eval``, the same code as training).
 
     Returns float64 arrays: loss, reward_c, reward_r, nll, log_odds, log_sig_odds."""
+    from . import _core
+
+    args = [np.ascontiguousarray(v, dtype=np.float64) for v in (Lc, Lr, Rc, Rr, nc, nr)]
+    out = _core.objective_eval(obj, *args)
+    return {k: np.asarray(out[k], dtype=np.float64)
+            for k in ("loss", "reward_c", "reward_r", "nll", "log_odds", "log_sig_odds")}
+
+
+def objective_terms_numpy(obj: dict, Lc, Lr, Rc, Rr, nc, nr) -> dict:
+    """The same as :func:`objective_terms`, written independently in NumPy from design.md
+    section 7 (a cross-check of the core, and the loss of the test toy model)."""
     Lc, Lr, Rc, Rr = (np.asarray(v, dtype=np.float64) for v in (Lc, Lr, Rc, Rr))
     nc, nr = (np.maximum(np.asarray(v, dtype=np.float64), 1.0) for v in (nc, nr))
     kind = obj["kind"]

@@ -196,7 +196,8 @@ def ablate(model, pairs, objectives: Sequence[str] = ("dpo", "simpo"),
            metric: str = "avg", important_slices: Optional[Iterable[str]] = None,
            scorer: Optional[Callable] = None, previous_runs: Optional[Sequence] = None,
            progress: bool = True, resume: bool = True, plots: bool = True,
-           report: bool = True, data_label: Optional[str] = None) -> AblationResult:
+           report: bool = True, data_label: Optional[str] = None,
+           fresh: bool = False) -> AblationResult:
     """Runs the objectives x ranks matrix with everything else fixed and decides.
 
     model: a loaded model (``prefopt.load`` / ``prefopt.models.fetch``) or a core Model with
@@ -209,6 +210,8 @@ def ablate(model, pairs, objectives: Sequence[str] = ("dpo", "simpo"),
       ``objective_params={"dpo": {"beta": 0.1}, "simpo": {"beta": 2.0, "gamma_beta_ratio": 0.5}}``.
     previous_runs: RunResults (or run directories) to include in the comparison instead of
       rerunning them; refused if their fixed settings differ.
+    resume: reuse finished runs and continue interrupted ones found in out_dir (same settings);
+    fresh=True retrains everything.
     Returns an AblationResult (runs, baseline, verdict, table); writes everything under out_dir.
     """
     from . import evaluate as ev_mod
@@ -296,7 +299,7 @@ def ablate(model, pairs, objectives: Sequence[str] = ("dpo", "simpo"),
         t1 = time.time()
         fixed = dict(c.fixed_settings(), **fixed_common)
         r = train(model, train_tps, held_tps, c, out / name, name=name, progress=progress,
-                  resume=resume, scorer=scorer, baseline=baseline,
+                  resume=resume, overwrite=fresh, scorer=scorer, baseline=baseline,
                   extra_settings={"fixed": fixed})
         timings[name + "_s"] = time.time() - t1
         if "wall_time_s" not in r.settings:
@@ -314,58 +317,43 @@ def ablate(model, pairs, objectives: Sequence[str] = ("dpo", "simpo"),
     (out / "verdict.json").write_text(json.dumps(verdict.to_dict(), indent=1, default=str))
     table = results_table(runs, baseline)
     _write_table(table, out / "table.csv")
-    plot_paths, report_path = [], None
-    if plots:
-        plot_paths = _make_plots(runs, baseline, out)
     timings["total_s"] = time.time() - t_start
+    plot_paths, report_path = [], None
     if report:
-        report_path = _make_report(runs, baseline, verdict, table, out, plot_paths, timings)
+        report_path, plot_paths = _make_report(runs, verdict, table, out, plots, metric,
+                                               important_slices, timings)
+    elif plots:
+        plot_paths = _make_plots(runs, out, metric)
     return AblationResult(runs=runs, baseline=baseline, verdict=verdict, table=table,
                           out_dir=out, report_path=report_path, plot_paths=plot_paths,
                           timings=timings)
 
 
-def _make_plots(runs, baseline, out: Path) -> list:
+def _make_plots(runs, out: Path, metric: str) -> list:
     try:
-        from . import plots
-    except ImportError:
-        return []
-    fn = getattr(plots, "plot_all", None) or getattr(plots, "make_plots", None)
-    if fn is None:
-        return []
-    try:
-        paths = fn(runs, out, baseline=baseline)
-    except TypeError:
-        paths = fn(runs, out)
+        from . import plots as pl
+        paths = pl.plot_all(runs, out / "plots", metric=metric)
     except ImportError as e:  # matplotlib missing
         print(f"prefopt: plots skipped ({e})")
         return []
-    return [Path(p) for p in (paths or [])]
+    return [Path(p) for p in paths.values()]
 
 
-def _make_report(runs, baseline, verdict, table, out: Path, plot_paths, timings):
-    try:
-        from . import report as rep
-    except ImportError:
-        rep = None
-    fn = getattr(rep, "write_report", None) if rep is not None else None
-    if fn is not None:
-        return Path(fn(runs, verdict, out, baseline=baseline, plots=plot_paths, timings=timings))
-    # minimal report until prefopt.report is available
-    lines = ["# prefopt ablation", "", "## Verdict", "", str(getattr(verdict, "text", verdict)), "",
-             "## Table", ""]
-    rows = table.to_dict("records") if hasattr(table, "to_dict") else table
-    if rows:
-        keys = list(rows[0])
-        lines.append("| " + " | ".join(keys) + " |")
-        lines.append("|" + "---|" * len(keys))
-        for r in rows:
-            lines.append("| " + " | ".join(f"{r.get(k):.4g}" if isinstance(r.get(k), float)
-                                            else str(r.get(k)) for k in keys) + " |")
-    lines += ["", "## Plots", ""] + [f"![{p.stem}]({p.name})" for p in plot_paths]
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+def _make_report(runs, verdict, table, out: Path, plots: bool, metric, important_slices, timings):
+    """report.md (prefopt.report) with the plots, plus the timings of this ablation."""
+    from . import report as rep
+
+    path = Path(rep.write_report(runs, out, verdict=verdict, metric=metric,
+                                 important_slices=important_slices, plots=plots))
+    plot_paths = sorted((out / "plots").glob("*.png")) if plots else []
+    lines = ["", "## Wall time (this invocation)", "", "| part | seconds |", "|---|---|"]
+    lines += [f"| {k[:-2]} | {v:.1f} |" for k, v in timings.items()]
+    lines.append("")
+    lines.append("Runs found finished in the output directory are reused, not retrained "
+                 "(their time is not counted above).")
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    return path, plot_paths
 
 
 def load_ablation(out_dir) -> list:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 from .results import RunResult, _check_metric
 from .review import split_log
@@ -24,7 +24,7 @@ def _matplotlib():
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
-    except ImportError as e:  # pragma: no cover - depends on the environment
+    except ImportError as e:
         raise ImportError("prefopt plots need matplotlib: pip install 'prefopt[plots]' "
                           "(or pip install matplotlib)") from e
     return Figure, FigureCanvasAgg

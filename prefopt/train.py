@@ -50,7 +50,7 @@ DPO_LOSS_TYPES = ("sigmoid", "ipo", "hinge")
 SCHEDULES = ("linear", "cosine", "constant")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 DEFAULT_BETA = {"dpo": 0.1, "simpo": 2.0}
-DEFAULT_GAMMA_BETA_RATIO = 0.5
+DEFAULT_GAMMA_BETA_RATIO = 0.25  # the SimPO repository's default (prefopt.objectives)
 
 # Parameters that belong to one objective (an ablation sets them per objective).
 OBJECTIVE_FIELDS = ("objective", "loss_type", "beta", "label_smoothing", "gamma",
@@ -76,7 +76,7 @@ class TrainConfig:
       gamma: SimPO's absolute target margin (TRL's ``simpo_gamma``).
       gamma_beta_ratio: SimPO repo's parameter, gamma = beta * gamma_beta_ratio.
         Set at most one of ``gamma`` and ``gamma_beta_ratio``; with neither, SimPO uses
-        gamma_beta_ratio = 0.5 (the SimPO authors' starting point). ``resolved_gamma`` is the
+        gamma_beta_ratio = 0.25 (the SimPO repository's default). ``resolved_gamma`` is the
         value used.
       sft_weight: SimPO's optional NLL term on chosen tokens (token mean), default 0.
       orpo_lambda: ORPO's odds-ratio weight (TRL's ORPO ``beta``), default 0.1.
@@ -277,11 +277,19 @@ class TrainConfig:
         return tuple(sorted(out, key=LORA_TARGETS.index))
 
     def objective_dict(self) -> dict:
-        """The C core's objective dict (csrc/README.md)."""
-        kind = self.loss_type if self.objective == "dpo" and self.loss_type != "sigmoid" else self.objective
-        return {"kind": kind, "beta": self.resolved_beta,
-                "label_smoothing": float(self.label_smoothing), "gamma": self.resolved_gamma,
-                "sft_weight": float(self.sft_weight), "lambda": float(self.orpo_lambda)}
+        """The C core's objective dict (csrc/README.md), built by prefopt.objectives."""
+        from .objectives import objective_params
+
+        if self.objective == "dpo":
+            kind = self.loss_type if self.loss_type != "sigmoid" else "dpo"
+            kw = {"beta": self.resolved_beta}
+            if kind == "dpo":
+                kw["label_smoothing"] = float(self.label_smoothing)
+            return objective_params(kind, **kw)
+        if self.objective == "simpo":
+            return objective_params("simpo", beta=self.resolved_beta, gamma=self.resolved_gamma,
+                                    sft_weight=float(self.sft_weight))
+        return objective_params("orpo", lam=float(self.orpo_lambda))
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
@@ -483,28 +491,47 @@ def _jsonable(v):
     return v
 
 
-def _save_adapter(core, directory: Path, cfg: TrainConfig, base_name: Optional[str]) -> None:
-    """PEFT adapter (adapter_config.json + adapter_model.safetensors) of the core's adapter."""
+def _lora_module():
     try:
         from . import lora
     except ImportError:
-        lora = None
-    if lora is not None and hasattr(lora, "save_adapter"):
-        lora.save_adapter(core, directory, base_model_name_or_path=base_name)
+        return None
+    return lora if hasattr(lora, "save_model_adapter") else None
+
+
+def _save_adapter(core, directory: Path, cfg: TrainConfig, base_name: Optional[str]) -> None:
+    """PEFT adapter (adapter_config.json + adapter_model.safetensors) of the core's adapter."""
+    lora = _lora_module()
+    if lora is not None:
+        lora.save_model_adapter(core, str(directory), base_model_name_or_path=base_name)
         return
     _save_adapter_fallback(core, directory, cfg, base_name)
 
 
 def _load_adapter_state(core, directory: Path) -> None:
-    """Loads the adapter parameters saved by _save_adapter into the core's current adapter."""
-    try:
-        from . import lora
-    except ImportError:
-        lora = None
-    if lora is not None and hasattr(lora, "load_adapter"):
-        lora.load_adapter(core, directory)
+    """Loads the parameters of the PEFT adapter in ``directory`` into the core's current
+    adapter (same rank and targets)."""
+    lora = _lora_module()
+    if lora is not None:
+        _spec, state = lora.load_adapter(str(directory))
+        core.lora_load_state(state, arena="params")
         return
     core.lora_load_state(_read_safetensors(Path(directory) / "adapter_model.safetensors"))
+
+
+def _init_from_adapter(core, directory, cfg: TrainConfig) -> None:
+    """Creates the adapter from a PEFT directory (continuing training from it)."""
+    lora = _lora_module()
+    if lora is None:
+        raise RuntimeError("continuing an adapter needs prefopt.lora")
+    spec = lora.load_model_adapter(core, str(directory), seed=int(cfg.seed),
+                                   dropout=cfg.effective_lora_dropout)
+    if spec.rank != cfg.lora_rank or tuple(spec.targets) != tuple(cfg.targets) or \
+            abs(spec.alpha - cfg.resolved_alpha) > 1e-9 or spec.use_rslora != cfg.use_rslora:
+        raise ValueError(f"the adapter in {directory} (rank {spec.rank}, alpha {spec.alpha}, "
+                         f"targets {list(spec.targets)}, rslora {spec.use_rslora}) does not match "
+                         f"the config (rank {cfg.lora_rank}, alpha {cfg.resolved_alpha}, targets "
+                         f"{list(cfg.targets)}, rslora {cfg.use_rslora})")
 
 
 def _save_adapter_fallback(core, directory, cfg, base_name):
@@ -731,8 +758,7 @@ class _Run:
         vocab = _vocab(self.model)
         key_extra = (cfg.max_length, cfg.max_prompt_length)
         if self.init_adapter is not None:
-            self._init_lora()
-            _load_adapter_state(core, Path(self.init_adapter))
+            _init_from_adapter(core, self.init_adapter, cfg)
             use_ref_lora = True
         else:
             core.lora_remove()

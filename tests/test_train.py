@@ -102,7 +102,7 @@ def test_config_resolution():
     c = TrainConfig(objective="simpo", beta=2.5, gamma_beta_ratio=0.4)
     assert c.resolved_gamma == pytest.approx(1.0)
     assert TrainConfig(objective="simpo", beta=2.5, gamma=0.3).resolved_gamma == 0.3
-    assert TrainConfig(objective="simpo").resolved_gamma == pytest.approx(2.0 * 0.5)
+    assert TrainConfig(objective="simpo").resolved_gamma == pytest.approx(2.0 * 0.25)
     assert TrainConfig().resolved_beta == 0.1 and TrainConfig(lora_rank=8).resolved_alpha == 16
     assert TrainConfig(lora_dropout=0.1).effective_lora_dropout == 0.0
     assert TrainConfig(lora_dropout=0.1, disable_dropout=False).effective_lora_dropout == 0.1
@@ -363,3 +363,47 @@ def test_epoch_covers_every_pair_once(tmp_path):
                               eval_every=0), tmp_path, progress=False)
     packed = sorted(batching.pack([p])[0].tobytes() for p in pairs)
     assert sorted(seen) == packed
+
+
+def test_continue_adapter_uses_it_as_reference(tmp_path):
+    tr = random_pairs(8, VOCAB)
+    first = train(ToyModel(), tr, None, cfg(max_steps=3, eval_every=0), tmp_path / "a",
+                  progress=False)
+    m = ToyModel()
+    r = train(m, tr, random_pairs(4, VOCAB, seed=2), cfg(max_steps=2, eval_every=0),
+              tmp_path / "b", progress=False, init_adapter=first.adapter_path)
+    e = r.train_entries()[0]
+    # the reference is the starting adapter, so DPO starts at ln 2 again, margins 0
+    assert e["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert e["rewards/margins"] == pytest.approx(0.0, abs=1e-9)
+    with pytest.raises(ValueError, match="does not match"):
+        train(ToyModel(), tr, None, cfg(lora_rank=3), tmp_path / "c", progress=False,
+              init_adapter=first.adapter_path)
+
+
+@pytest.mark.parametrize("obj", [
+    TrainConfig(objective="dpo", beta=0.3).objective_dict(),
+    TrainConfig(objective="dpo", beta=0.3, label_smoothing=0.1).objective_dict(),
+    TrainConfig(objective="dpo", loss_type="ipo", beta=0.3).objective_dict(),
+    TrainConfig(objective="dpo", loss_type="hinge", beta=0.3).objective_dict(),
+    TrainConfig(objective="simpo", beta=2.5, gamma=0.7).objective_dict(),
+    TrainConfig(objective="simpo", beta=2.5, gamma=0.7, sft_weight=0.5).objective_dict(),
+    TrainConfig(objective="orpo", orpo_lambda=0.2).objective_dict(),
+])
+def test_eval_objective_matches_independent_numpy(obj):
+    """Held-out metrics use the core's objective_eval; check it against design.md's formulas
+    written independently in NumPy (evaluate.objective_terms_numpy)."""
+    from prefopt.evaluate import objective_terms_numpy
+
+    r = np.random.default_rng(0)
+    n = 50
+    nc, nr = r.integers(1, 40, n).astype(float), r.integers(1, 40, n).astype(float)
+    Lc, Lr = -nc * r.uniform(0.01, 3, n), -nr * r.uniform(0.01, 3, n)
+    Rc, Rr = Lc + r.normal(0, 2, n), Lr + r.normal(0, 2, n)
+    a = objective_terms(obj, Lc, Lr, Rc, Rr, nc, nr)
+    b = objective_terms_numpy(obj, Lc, Lr, Rc, Rr, nc, nr)
+    for k in ("loss", "reward_c", "reward_r"):
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-10, atol=1e-12, err_msg=k)
+    if obj["kind"] == "orpo":
+        for k in ("nll", "log_odds", "log_sig_odds"):
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-9, atol=1e-12, err_msg=k)

@@ -8,7 +8,7 @@ p(token_t | token_{t-1}) = softmax(E[prev] @ M @ E^T), M = W + s * sum_t B_t A_t
 """
 import numpy as np
 
-from prefopt.evaluate import objective_terms
+from prefopt.evaluate import objective_terms_numpy as objective_terms
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -29,7 +29,7 @@ class ToyModel:
         r = np.random.default_rng(seed)
         params = {}
         for t in targets:
-            name = f"model.layers.0.self_attn.{t}"
+            name = self._name(t)
             bound = 1 / np.sqrt(self.D)
             params[f"{name}.lora_A.weight"] = r.uniform(-bound, bound, (rank, self.D)).astype(np.float32)
             params[f"{name}.lora_B.weight"] = np.zeros((self.D, rank), np.float32)
@@ -42,6 +42,11 @@ class ToyModel:
                      "adam_v": {k: v.copy() for k, v in z.items()}}
         self.lora["grads"] = {k: v.copy() for k, v in z.items()}
         self.adam_step = 0
+
+    @staticmethod
+    def _name(t):
+        parent = "mlp" if t in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+        return f"model.layers.0.{parent}.{t}"
 
     def lora_remove(self):
         self.lora = None
@@ -70,7 +75,7 @@ class ToyModel:
         if use_lora and self.lora is not None:
             p, s = self.lora["params"], self.lora["scale"]
             for t in self.lora["targets"]:
-                n = f"model.layers.0.self_attn.{t}"
+                n = self._name(t)
                 M = M + s * (p[n + ".lora_B.weight"].astype(np.float64) @ p[n + ".lora_A.weight"])
         return M
 
@@ -153,7 +158,7 @@ class ToyModel:
             dM += np.outer(hvec, dz)
         pr, gr, s = self.lora["params"], self.lora["grads"], self.lora["scale"]
         for t in self.lora["targets"]:
-            nm = f"model.layers.0.self_attn.{t}"
+            nm = self._name(t)
             A = pr[nm + ".lora_A.weight"].astype(np.float64)
             B = pr[nm + ".lora_B.weight"].astype(np.float64)
             gr[nm + ".lora_B.weight"] += (s * dM @ A.T).astype(np.float32)
