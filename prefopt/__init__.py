@@ -38,3 +38,5 @@ def show_config(file=None) -> dict:
     ]
     print("\n".join(lines), file=file)
     return info
+
+from .models import load  # noqa: E402
