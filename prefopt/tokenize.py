@@ -559,26 +559,14 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF") -> Ch
 
 
 def tokenizer_from_gguf_file(path: str | os.PathLike) -> ChatTokenizer:
-    """:func:`tokenizer_from_gguf` on a GGUF file's metadata (read with prefopt's GGUF reader
-    when available, else with the ``gguf`` package)."""
+    """:func:`tokenizer_from_gguf` on the metadata of a GGUF file (read with prefopt.gguf)."""
+    from .gguf import read_gguf
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
-    metadata = None
-    try:
-        from . import gguf as _pg  # the loader's own parser, if present
-        reader = getattr(_pg, "read_metadata", None)
-        if reader is not None:
-            metadata = reader(path)
-    except ImportError:
-        pass
-    if metadata is None:
-        try:
-            from gguf import GGUFReader
-        except ImportError as e:
-            raise ImportError("reading GGUF metadata needs prefopt.gguf or the 'gguf' package") from e
-        r = GGUFReader(str(path))
-        metadata = {k: f.contents() for k, f in r.fields.items() if k.startswith("tokenizer.")}
+    with read_gguf(path) as g:
+        metadata = {k: v for k, v in g.metadata.items() if k.startswith("tokenizer.")}
     return tokenizer_from_gguf(metadata, source=str(path))
 
 
