@@ -17,9 +17,10 @@ enum { PF_OBJ_DPO = 0,   /* sigmoid, optional label smoothing (cDPO) */
 typedef struct {
     int kind;
     double beta;            /* DPO/IPO/hinge/SimPO beta */
-    double label_smoothing; /* DPO sigmoid only, in [0, 0.5) */
-    double gamma;           /* SimPO absolute margin (already resolved from gamma_beta_ratio) */
-    double sft_weight;      /* SimPO optional NLL weight */
+    double label_smoothing; /* DPO sigmoid only, in [0, 0.5); must be 0 for other kinds */
+    double gamma;           /* SimPO absolute margin (already resolved from gamma_beta_ratio);
+                               must be 0 for other kinds */
+    double sft_weight;      /* SimPO optional NLL weight; must be 0 for other kinds */
     double lambda;          /* ORPO odds-ratio weight (TRL's beta) */
 } pf_objective;
 
@@ -27,14 +28,19 @@ typedef struct {
     double loss;
     double dLc, dLr;        /* d loss / d Lc, d Lr */
     double reward_c, reward_r; /* TRL rewards/chosen, rewards/rejected */
-    double nll;             /* ORPO nll term (SimPO sft term), else 0 */
+    double nll;             /* ORPO nll term -Lc/nc; SimPO unweighted sft term -Lc/nc; else 0 */
     double log_odds;        /* ORPO log_odds_chosen per pair, else 0 */
     double log_sig_odds;    /* ORPO log sigmoid(log_odds) per pair (TRL log_odds_ratio), else 0 */
 } pf_pair_loss;
 
+/* "dpo", "ipo", "hinge", "simpo", "orpo" -> PF_OBJ_*, or -1 if unknown. */
+int pf_objective_kind(const char *name);
+/* PF_OBJ_* -> its name ("unknown" out of range). */
+const char *pf_objective_name(int kind);
 /* Validates parameters (beta > 0, smoothing range, lambda >= 0, ...). */
 int pf_objective_check(const pf_objective *o, pf_status *st);
-/* One pair. nc, nr > 0. Returns PF_ENONFINITE if any output is not finite. */
+/* One pair. nc, nr > 0. Returns PF_ENONFINITE if an input or output is not finite.
+ * ORPO: a mean log-prob of exactly 0 is treated as -1e-300 (finite log-odds). */
 int pf_objective_pair(const pf_objective *o, double Lc, double Lr, double Rc, double Rr, double nc,
                       double nr, pf_pair_loss *out, pf_status *st);
 #endif

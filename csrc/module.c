@@ -171,6 +171,10 @@ static PyObject *py_ggml_type_name(PyObject *self, PyObject *arg) {
 #include "optim.h"
 #include "rng.h"
 
+#include <math.h>
+#include <stdio.h>
+#include <string.h>
+
 /* New C-contiguous float32 array of `ndim` dims from obj, exact dtype, with
  * the given shape (a dim of -1: any). Returns a new reference or NULL. */
 static PyArrayObject *pf_f32_shape(PyObject *obj, const char *what, int ndim, const npy_intp *shape) {
@@ -385,7 +389,206 @@ done:
     {"lora_branch_test", (PyCFunction)(void (*)(void))py_lora_branch_test,                     \
      METH_VARARGS | METH_KEYWORDS, "Forward/backward/merge of one LoRA branch (tests)."},
 
-#define PF_LOSS_METHODS PF_LORA_TEST_METHODS
+/* Fills *o from an objective dict {"kind": str, "beta", "label_smoothing",
+ * "gamma", "sft_weight", "lambda"} (missing numbers: beta 0.1, lambda 0.1,
+ * others 0) and validates it. Unknown keys are an error. Returns 0 or -1 with
+ * a Python exception set. Shared with py_model.c (declared in pybind.h). */
+int pf_objective_from_py(PyObject *d, pf_objective *o) {
+    if (!PyDict_Check(d)) {
+        PyErr_Format(PyExc_TypeError, "objective must be a dict, got %s", Py_TYPE(d)->tp_name);
+        return -1;
+    }
+    memset(o, 0, sizeof *o);
+    o->beta = 0.1;
+    o->lambda = 0.1;
+    PyObject *kind = PyDict_GetItemString(d, "kind");
+    if (!kind || !PyUnicode_Check(kind)) {
+        PyErr_SetString(PyExc_ValueError, "objective needs a string 'kind' (dpo, ipo, hinge, simpo, orpo)");
+        return -1;
+    }
+    const char *kname = PyUnicode_AsUTF8(kind);
+    if (!kname) return -1;
+    o->kind = pf_objective_kind(kname);
+    if (o->kind < 0) {
+        PyErr_Format(PyExc_ValueError, "unknown objective kind '%s' (dpo, ipo, hinge, simpo, orpo)", kname);
+        return -1;
+    }
+    PyObject *key, *val;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(d, &pos, &key, &val)) {
+        const char *k = PyUnicode_Check(key) ? PyUnicode_AsUTF8(key) : NULL;
+        if (!k) {
+            PyErr_SetString(PyExc_TypeError, "objective keys must be strings");
+            return -1;
+        }
+        if (strcmp(k, "kind") == 0) continue;
+        double *slot = NULL;
+        if (strcmp(k, "beta") == 0) slot = &o->beta;
+        else if (strcmp(k, "label_smoothing") == 0) slot = &o->label_smoothing;
+        else if (strcmp(k, "gamma") == 0) slot = &o->gamma;
+        else if (strcmp(k, "sft_weight") == 0) slot = &o->sft_weight;
+        else if (strcmp(k, "lambda") == 0) slot = &o->lambda;
+        if (!slot) {
+            if (strcmp(k, "gamma_beta_ratio") == 0)
+                PyErr_SetString(PyExc_ValueError, "objective: resolve gamma_beta_ratio to the absolute "
+                                                  "'gamma' (gamma = beta * ratio) before the core");
+            else
+                PyErr_Format(PyExc_ValueError, "objective: unknown parameter '%s'", k);
+            return -1;
+        }
+        double x = PyFloat_AsDouble(val);
+        if (x == -1.0 && PyErr_Occurred()) return -1;
+        *slot = x;
+    }
+    pf_status st = {0};
+    if (pf_objective_check(o, &st)) {
+        pf_status_to_exc(&st);
+        return -1;
+    }
+    return 0;
+}
+
+/* objective_eval(objective dict, Lc, Lr, Rc, Rr, nc, nr: float64 [P])
+ * -> dict of float64 [P]: loss, dLc, dLr, reward_c, reward_r, nll, log_odds, log_sig_odds */
+static PyObject *py_objective_eval(PyObject *self, PyObject *args) {
+    PyObject *od, *in_obj[6];
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &od, &in_obj[0], &in_obj[1], &in_obj[2], &in_obj[3], &in_obj[4],
+                          &in_obj[5]))
+        return NULL;
+    pf_objective o;
+    if (pf_objective_from_py(od, &o) < 0) return NULL;
+    static const char *in_names[6] = {"Lc", "Lr", "Rc", "Rr", "nc", "nr"};
+    static const char *out_names[8] = {"loss", "dLc", "dLr", "reward_c", "reward_r", "nll", "log_odds",
+                                       "log_sig_odds"};
+    PyArrayObject *in[6] = {NULL}, *out[8] = {NULL};
+    PyObject *res = NULL;
+    npy_intp P = -1;
+    for (int k = 0; k < 6; k++) {
+        in[k] = pf_as_array(in_obj[k], NPY_FLOAT64, 1, in_names[k]);
+        if (!in[k]) goto done;
+        if (P < 0) P = PyArray_DIM(in[k], 0);
+        if (PyArray_DIM(in[k], 0) != P) {
+            PyErr_Format(PyExc_ValueError, "%s has %zd entries, Lc has %zd", in_names[k],
+                         (Py_ssize_t)PyArray_DIM(in[k], 0), (Py_ssize_t)P);
+            goto done;
+        }
+    }
+    for (int k = 0; k < 8; k++)
+        if (!(out[k] = (PyArrayObject *)PyArray_ZEROS(1, &P, NPY_FLOAT64, 0))) goto done;
+    const double *x[6];
+    double *y[8];
+    for (int k = 0; k < 6; k++) x[k] = (const double *)PyArray_DATA(in[k]);
+    for (int k = 0; k < 8; k++) y[k] = (double *)PyArray_DATA(out[k]);
+    pf_status st = {0};
+    npy_intp bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (npy_intp i = 0; i < P; i++) {
+        pf_pair_loss pl;
+        if (pf_objective_pair(&o, x[0][i], x[1][i], x[2][i], x[3][i], x[4][i], x[5][i], &pl, &st)) {
+            bad = i;
+            break;
+        }
+        y[0][i] = pl.loss; y[1][i] = pl.dLc; y[2][i] = pl.dLr; y[3][i] = pl.reward_c;
+        y[4][i] = pl.reward_r; y[5][i] = pl.nll; y[6][i] = pl.log_odds; y[7][i] = pl.log_sig_odds;
+    }
+    Py_END_ALLOW_THREADS
+    if (bad >= 0) {
+        pf_status st2 = st;
+        snprintf(st2.msg, sizeof st2.msg, "pair %zd: %.480s", (Py_ssize_t)bad, st.msg);
+        pf_status_to_exc(&st2);
+        goto done;
+    }
+    res = PyDict_New();
+    if (!res) goto done;
+    for (int k = 0; k < 8; k++)
+        if (PyDict_SetItemString(res, out_names[k], (PyObject *)out[k])) {
+            Py_CLEAR(res);
+            goto done;
+        }
+done:
+    for (int k = 0; k < 6; k++) Py_XDECREF(in[k]);
+    for (int k = 0; k < 8; k++) Py_XDECREF(out[k]);
+    return res;
+}
+
+/* A writable, C-contiguous float32 1-D array, exactly (no copy: updated in place). */
+static int pf_f32_inplace(PyObject *obj, const char *what, float **ptr, npy_intp *n) {
+    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_FLOAT32 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj) || !PyArray_ISWRITEABLE((PyArrayObject *)obj)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a writable C-contiguous float32 numpy array", what);
+        return -1;
+    }
+    *ptr = (float *)PyArray_DATA((PyArrayObject *)obj);
+    *n = PyArray_SIZE((PyArrayObject *)obj);
+    return 0;
+}
+
+/* adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale):
+ * p, m, v updated in place (float32, same size as g). */
+static PyObject *py_adamw_update(PyObject *self, PyObject *args) {
+    PyObject *po, *go, *mo, *vo;
+    pf_adamw h;
+    long step;
+    double gs;
+    if (!PyArg_ParseTuple(args, "OOOOdddddld", &po, &go, &mo, &vo, &h.lr, &h.beta1, &h.beta2, &h.eps,
+                          &h.weight_decay, &step, &gs))
+        return NULL;
+    float *p, *g, *m, *v;
+    npy_intp np_, ng, nm, nv;
+    if (pf_f32_inplace(po, "p", &p, &np_) || pf_f32_inplace(go, "g", &g, &ng) ||
+        pf_f32_inplace(mo, "m", &m, &nm) || pf_f32_inplace(vo, "v", &v, &nv))
+        return NULL;
+    if (ng != np_ || nm != np_ || nv != np_)
+        return PyErr_Format(PyExc_ValueError, "adamw_update: p, g, m, v sizes differ (%zd, %zd, %zd, %zd)",
+                            (Py_ssize_t)np_, (Py_ssize_t)ng, (Py_ssize_t)nm, (Py_ssize_t)nv);
+    if (!(isfinite(gs) && gs >= 0)) return PyErr_Format(PyExc_ValueError, "grad_scale must be finite and >= 0");
+    pf_status st = {0};
+    if (pf_adamw_check(&h, step, &st)) return pf_status_to_exc(&st);
+    Py_BEGIN_ALLOW_THREADS
+    pf_adamw_update(p, g, m, v, (size_t)np_, &h, step, gs);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+/* sumsq(g float32 array) -> float (double accumulation) */
+static PyObject *py_sumsq(PyObject *self, PyObject *arg) {
+    PyArrayObject *a = pf_as_array(arg, NPY_FLOAT32, -1, "g");
+    if (!a) return NULL;
+    double s;
+    const float *d = (const float *)PyArray_DATA(a);
+    size_t n = (size_t)PyArray_SIZE(a);
+    Py_BEGIN_ALLOW_THREADS
+    s = pf_sumsq(d, n);
+    Py_END_ALLOW_THREADS
+    Py_DECREF(a);
+    return PyFloat_FromDouble(s);
+}
+
+/* lr_at(kind, base_lr, step, total_steps, warmup_steps) -> float */
+static PyObject *py_lr_at(PyObject *self, PyObject *args) {
+    const char *kind;
+    double base;
+    long step, total, warm;
+    if (!PyArg_ParseTuple(args, "sdlll", &kind, &base, &step, &total, &warm)) return NULL;
+    int k = pf_sched_kind(kind);
+    if (k < 0) return PyErr_Format(PyExc_ValueError, "unknown schedule '%s' (constant, linear, cosine)", kind);
+    if (!(isfinite(base) && base >= 0)) return PyErr_Format(PyExc_ValueError, "base_lr must be finite and >= 0");
+    if (total < 1 || warm < 0 || step < 0)
+        return PyErr_Format(PyExc_ValueError, "need total_steps >= 1, warmup_steps >= 0, step >= 0 (got %ld, %ld, %ld)",
+                            total, warm, step);
+    return PyFloat_FromDouble(pf_lr_at(k, base, step, total, warm));
+}
+
+#define PF_OPTIM_TEST_METHODS                                                                  \
+    {"objective_eval", py_objective_eval, METH_VARARGS,                                        \
+     "objective_eval(objective dict, Lc, Lr, Rc, Rr, nc, nr float64[P]) -> dict of float64[P]."},\
+    {"adamw_update", py_adamw_update, METH_VARARGS,                                            \
+     "adamw_update(p, g, m, v, lr, beta1, beta2, eps, weight_decay, step, grad_scale), in place."},\
+    {"sumsq", py_sumsq, METH_O, "Sum of squares of a float32 array (double accumulation)."},   \
+    {"lr_at", py_lr_at, METH_VARARGS,                                                          \
+     "lr_at(kind, base_lr, step, total_steps, warmup_steps): transformers' schedules."},
+
+#define PF_LOSS_METHODS PF_LORA_TEST_METHODS PF_OPTIM_TEST_METHODS
 
 /* ------------------------------------------------------------------------ */
 /* section: module                                                           */

@@ -1,0 +1,115 @@
+/* model.h: LLaMA-family decoder (design.md section 3): config, one arena of
+ * float32 base weights, forward over a packed prefix-shared batch, backward to
+ * the LoRA parameters, scoring, one training micro-step and greedy generation.
+ *
+ * Packed batch (csrc/README.md): tokens [N] = pairs back to back as
+ * [prompt | chosen | rejected]; seg [P,3] = (prompt_len >= 1, chosen_len >= 0,
+ * rejected_len >= 0). Chosen tokens see the prompt and earlier chosen tokens,
+ * rejected tokens the prompt and earlier rejected tokens; positions of both
+ * completions continue from the prompt.
+ *
+ * Activation memory of train_step, in floats, for T packed tokens, n scored
+ * completion tokens, L layers, widths D (hidden), F (MLP), Q = H*hd, K = KVH*hd,
+ * LoRA rank r on nt targets, M = max(D, F, Q), S = max over pairs of
+ * max((lp+lc)^2, lr*(lp+lr)), chunk c = head chunk (<= 64) and vocab V:
+ *
+ *   (L+1)*T*D                          residual-stream input of every layer (stored)
+ * + T*(6D + 4Q + 4K + 6F + H + 3)      one layer's activations and their gradients
+ * + T*r*(nt + 1) + T*M                 LoRA x A^T per target, backward tmp, dropout scratch
+ * + 2*S                                attention scores / their gradient, one block at a time
+ * + c*(D + V)                          head logits, one chunk at a time
+ * + n_lora_params                      this step's LoRA gradients (added to the arena if finite)
+ *
+ * i.e. layers are recomputed in backward from their stored inputs (one extra
+ * layer forward per layer except the last); nothing of size T*V or L*T*F is
+ * kept. pf_model_work_floats() returns the exact figure. score() needs the
+ * same without the (L+1)*T*D store and the gradient buffers. */
+#ifndef PF_MODEL_H
+#define PF_MODEL_H
+#include <stddef.h>
+#include <stdint.h>
+
+#include "common.h"
+#include "lora.h"
+#include "loss.h"
+
+typedef struct {
+    int vocab, dim, ffn, n_layers, n_heads, n_kv_heads, head_dim;
+    float eps, theta;
+    int tied;      /* LM head = embedding */
+    int attn_bias; /* q/k/v biases (qwen2) */
+} pf_config;
+
+typedef struct {
+    float *ln1;          /* [D] input_layernorm */
+    float *wq, *wk, *wv; /* [Q,D] [K,D] [K,D] */
+    float *bq, *bk, *bv; /* [Q] [K] [K] or NULL */
+    float *wo;           /* [D,Q] */
+    float *ln2;          /* [D] post_attention_layernorm */
+    float *wg, *wu;      /* [F,D] */
+    float *wd;           /* [D,F] */
+} pf_layer_weights;
+
+typedef struct {
+    pf_config c;
+    float *arena;        /* all base weights, float32 */
+    size_t n_floats;
+    float *embed;        /* [V,D] */
+    float *norm;         /* [D] */
+    float *head;         /* [V,D] (== embed when tied) */
+    pf_layer_weights *layers; /* [n_layers] */
+    pf_lora lora;        /* rank 0: no adapter */
+    long adam_step;
+} pf_model;
+
+/* Validates the config and allocates the (zeroed) weight arena. */
+int pf_model_create(pf_model *m, const pf_config *c, pf_status *st);
+void pf_model_free(pf_model *m);
+
+/* Enumerates the base weights: i-th tensor's HF name, pointer into the arena
+ * and shape (ndim 1 or 2). Returns 0 when i is out of range. */
+size_t pf_model_n_tensors(const pf_model *m);
+int pf_model_tensor(const pf_model *m, size_t i, char *name, size_t cap, float **ptr, int *ndim,
+                    size_t shape[2]);
+
+/* LoRA target geometry: in/out widths of q,k,v,o,gate,up,down. */
+void pf_model_lora_dims(const pf_model *m, int in_dim[PF_LORA_NT], int out_dim[PF_LORA_NT]);
+
+/* Checks a packed batch: lengths >= 0, prompt_len >= 1, sum == n_tokens, ids in range. */
+int pf_batch_check(const pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg,
+                   int P, pf_status *st);
+/* Number of scored completion tokens (sum of chosen_len + rejected_len). */
+size_t pf_batch_n_completion(const int32_t *seg, int P);
+/* Work floats a call needs (see the formula above); train = 1 for train_step. */
+size_t pf_model_work_floats(const pf_model *m, const int32_t *seg, int P, size_t n_tokens,
+                            int train);
+
+/* Completion log-prob sums logp [P,2] (double), counts n [P,2], and if
+ * per_token != NULL the per-token log-probs [n_completion] (pair by pair,
+ * chosen then rejected). use_lora = 0: base model. No dropout. */
+int pf_model_score(pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg, int P,
+                   int use_lora, double *logp, int32_t *n, float *per_token, pf_status *st);
+
+typedef struct {
+    double *logp;   /* [P,2] */
+    int32_t *n;     /* [P,2] */
+    double *loss;   /* [P] */
+    double *reward; /* [P,2] */
+    double *nll, *log_odds, *log_sig_odds; /* [P] */
+} pf_train_out;
+
+/* Forward with the adapter (dropout from dropout_seed, 0 = none), objective per
+ * pair against ref [P,2], backward; ACCUMULATES weight * d(sum_p loss_p)/dLoRA
+ * into the LoRA grad arena (only if every gradient is finite, else
+ * PF_ENONFINITE and the arena is untouched). Requires an adapter and
+ * chosen_len, rejected_len >= 1 for every pair. */
+int pf_model_train_step(pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg,
+                        int P, const double *ref, const pf_objective *obj, double weight,
+                        uint64_t dropout_seed, pf_train_out *out, pf_status *st);
+
+/* Greedy decoding with a KV cache. Writes up to max_new ids into out and their
+ * count into n_out; stops after emitting a token in stop[n_stop]. */
+int pf_model_generate(pf_model *m, const int32_t *prompt, size_t n_prompt, int max_new,
+                      const int32_t *stop, int n_stop, int use_lora, int32_t *out, int *n_out,
+                      pf_status *st);
+#endif

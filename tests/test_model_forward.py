@@ -1,0 +1,171 @@
+"""prefopt._core.Model forward (score) against transformers on tiny random models.
+
+References are computed by transformers one sequence at a time (prompt+chosen and
+prompt+rejected separately, no packing), so they also check prefix sharing,
+packing, positions and the attention layout of the C core.
+"""
+import numpy as np
+import pytest
+import torch
+
+import prefopt
+from prefopt import _core
+
+import tiny_models as tm
+
+torch.set_num_threads(1)
+prefopt.set_num_threads(1)
+
+VARIANTS = [("llama", False), ("llama", True), ("qwen2", False)]
+
+
+@pytest.fixture(scope="module", params=VARIANTS, ids=lambda v: f"{v[0]}-{'tied' if v[1] else 'untied'}")
+def models(request):
+    arch, tied = request.param
+    hf = tm.make_model(arch, tied=tied, seed=3)
+    return hf, tm.to_prefopt(hf)
+
+
+def reference(hf, pairs):
+    per_tok, sums = [], []
+    for p, c, r in pairs:
+        lc, lr = tm.hf_token_logps(hf, p, c), tm.hf_token_logps(hf, p, r)
+        per_tok += [lc, lr]
+        sums.append((lc.sum(), lr.sum()))
+    return np.concatenate(per_tok), np.array(sums)
+
+
+def test_score_matches_transformers_prefix_shared(models):
+    hf, m = models
+    rng = np.random.default_rng(0)
+    pairs = tm.random_pairs(rng, 5, hf.config.vocab_size, prompt=(1, 20), completion=(1, 12))
+    tok, seg = tm.pack(pairs)
+    out = m.score(tok, seg, per_token=True)
+    ref_tok, ref_sum = reference(hf, pairs)
+    assert out["logp"].dtype == np.float64 and out["logp"].shape == (5, 2)
+    assert out["per_token"].dtype == np.float32
+    np.testing.assert_array_equal(out["n"], seg[:, 1:])
+    np.testing.assert_allclose(out["per_token"], ref_tok, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out["logp"], ref_sum, atol=1e-4, rtol=0)
+    # the numbers are not trivial (near-uniform logits would be ~ -log(97) = -4.57 each)
+    assert np.std(ref_tok) > 0.5
+
+
+def test_shared_equals_unshared_layout(models):
+    hf, m = models
+    rng = np.random.default_rng(1)
+    pairs = tm.random_pairs(rng, 3, hf.config.vocab_size)
+    shared = m.score(*tm.pack(pairs), per_token=True)
+    tok, seg = tm.pack_unshared(pairs)
+    unshared = m.score(tok, seg, per_token=True)
+    assert (unshared["n"][:, 1] == 0).all() and (unshared["logp"][:, 1] == 0).all()
+    np.testing.assert_allclose(shared["logp"].reshape(-1), unshared["logp"][:, 0], atol=2e-5)
+    np.testing.assert_allclose(shared["per_token"], unshared["per_token"], atol=1e-5)
+
+
+def test_empty_completions_and_single_sequences(models):
+    hf, m = models
+    pairs = [([5, 6, 7], [8, 9], []), ([1], [], [3, 4, 5]), ([2, 3], [], []), ([4], [7], [9])]
+    tok, seg = tm.pack(pairs)
+    out = m.score(tok, seg, per_token=True)
+    ref_tok, ref_sum = reference(hf, pairs)
+    np.testing.assert_array_equal(out["n"], [[2, 0], [0, 3], [0, 0], [1, 1]])
+    np.testing.assert_allclose(out["per_token"], ref_tok, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out["logp"], ref_sum, atol=1e-4, rtol=0)
+
+
+def test_long_sequence_many_chunks():
+    """More completion tokens than one head chunk (64), long positions for RoPE."""
+    hf = tm.make_model("qwen2", seed=5, rope_theta=1000.0)
+    m = tm.to_prefopt(hf)
+    rng = np.random.default_rng(2)
+    pairs = [(rng.integers(0, 97, 40).tolist(), rng.integers(0, 97, 70).tolist(),
+              rng.integers(0, 97, 55).tolist())]
+    out = m.score(*tm.pack(pairs), per_token=True)
+    ref_tok, ref_sum = reference(hf, pairs)
+    np.testing.assert_allclose(out["per_token"], ref_tok, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(out["logp"], ref_sum, atol=2e-4, rtol=0)
+
+
+def test_score_is_deterministic_and_lora_off_is_base(models):
+    hf, m = models
+    rng = np.random.default_rng(4)
+    tok, seg = tm.pack(tm.random_pairs(rng, 3, hf.config.vocab_size))
+    a = m.score(tok, seg)
+    b = m.score(tok, seg, use_lora=False)
+    np.testing.assert_array_equal(a["logp"], b["logp"])
+    assert "per_token" not in a
+
+
+def test_activation_bytes_reported(models):
+    hf, m = models
+    seg = np.array([[10, 5, 6], [3, 2, 2]], np.int32)
+    tr = m.activation_bytes(seg, train=True)
+    ev = m.activation_bytes(seg, train=False)
+    T, D, L = 28, hf.config.hidden_size, hf.config.num_hidden_layers
+    assert tr > ev > 0
+    assert tr - ev >= (L + 1) * T * D * 4  # the stored layer inputs
+
+
+# ---------------------------------------------------------------- bad input
+
+def test_bad_batches_raise(models):
+    hf, m = models
+    tok = np.array([1, 2, 3, 4, 5], np.int32)
+    seg = np.array([[2, 2, 1]], np.int32)
+    m.score(tok, seg)
+    with pytest.raises(TypeError, match="tokens"):
+        m.score(tok.astype(np.int64), seg)
+    with pytest.raises(TypeError, match="segments"):
+        m.score(tok, seg.astype(np.int64))
+    with pytest.raises(TypeError, match="tokens"):
+        m.score([1, 2, 3, 4, 5], seg)
+    with pytest.raises(ValueError, match="segments"):
+        m.score(tok, np.array([[2, 2, 2]], np.int32))
+    with pytest.raises(ValueError, match="segments"):
+        m.score(tok, np.array([[0, 3, 2]], np.int32))
+    with pytest.raises(ValueError, match="segments"):
+        m.score(tok, np.array([[6, -1, 0]], np.int32))
+    with pytest.raises(ValueError, match="segments"):
+        m.score(tok, np.array([2, 2, 1], np.int32))
+    with pytest.raises(ValueError, match="segments"):
+        m.score(tok, np.zeros((0, 3), np.int32))
+    with pytest.raises(ValueError, match="tokens: id 97"):
+        m.score(np.array([1, 2, 97, 4, 5], np.int32), seg)
+    with pytest.raises(ValueError, match="tokens: id -1"):
+        m.score(np.array([1, 2, -1, 4, 5], np.int32), seg)
+    # non-contiguous input is accepted (copied), results identical
+    big = np.zeros(10, np.int32)
+    big[::2] = tok
+    np.testing.assert_array_equal(m.score(big[::2], seg)["logp"], m.score(tok, seg)["logp"])
+
+
+def test_bad_construction_raises():
+    hf = tm.make_model("qwen2", seed=0)
+    cfg, w = tm.prefopt_config(hf.config), tm.weights_of(hf)
+    _core.Model(cfg, w)
+    bad = dict(w)
+    del bad["model.layers.1.self_attn.k_proj.bias"]
+    with pytest.raises(ValueError, match="missing model.layers.1.self_attn.k_proj.bias"):
+        _core.Model(cfg, bad)
+    bad = dict(w, **{"model.norm.weight": np.ones(31, np.float32)})
+    with pytest.raises(ValueError, match="model.norm.weight"):
+        _core.Model(cfg, bad)
+    bad = dict(w, **{"model.norm.weight": np.ones(32, np.float64)})
+    with pytest.raises(TypeError, match="model.norm.weight"):
+        _core.Model(cfg, bad)
+    bad = dict(w, **{"model.layers.0.mlp.gate_proj.bias": np.ones(48, np.float32)})
+    with pytest.raises(ValueError, match="unexpected tensor model.layers.0.mlp.gate_proj.bias"):
+        _core.Model(cfg, bad)
+    with pytest.raises(ValueError, match="rope_theta"):
+        _core.Model({k: v for k, v in cfg.items() if k != "rope_theta"}, w)
+    with pytest.raises(ValueError, match="multiple"):
+        _core.Model(dict(cfg, num_key_value_heads=3), w)
+    with pytest.raises(ValueError, match="unexpected"):  # biases given to a no-bias config
+        _core.Model(dict(cfg, attention_bias=False), w)
+    # a tied model accepts lm_head.weight only when it equals the embedding
+    hf_t = tm.make_model("llama", tied=True, seed=0)
+    cfg_t, w_t = tm.prefopt_config(hf_t.config), tm.weights_of(hf_t)
+    _core.Model(cfg_t, dict(w_t, **{"lm_head.weight": w_t["model.embed_tokens.weight"].copy()}))
+    with pytest.raises(ValueError, match="lm_head"):
+        _core.Model(cfg_t, dict(w_t, **{"lm_head.weight": w_t["model.embed_tokens.weight"] + 1}))
