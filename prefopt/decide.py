@@ -489,6 +489,9 @@ def _verdict_text(metric, n, outcome, best, best_rank, comparisons, across, lowe
     elif best is not None:
         head = (f"Hint only: {best} looks better" + (f" (rank {best_rank})" if best_rank else "")
                 + ", but the rule's conditions for a decision are not all met.")
+    elif len({r.objective.lower() for r in runs}) == 1:
+        head = (f"Only one objective ({display(runs[0].objective)}): nothing to decide between "
+                "objectives; see the lower-rank preference below.")
     else:
         head = "No evidence: no objective is better than the others on the held-out pairs."
     lines = [head, "",
