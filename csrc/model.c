@@ -445,24 +445,54 @@ static void pair_sums(const double *tok_logp, const int32_t *seg, int P, double 
     }
 }
 
+/* Embedding, every layer and the final norm over a packed batch; leaves the
+ * normed hidden states in w->xf and the scoring index in w->rows/targets.
+ * Allocates w (the caller frees w->mem). */
+static int forward_packed(pf_model *m, const pf_lora *lo, const int32_t *tokens, size_t T,
+                          const int32_t *seg, int P, pf_work *w, pf_status *st) {
+    const pf_config *c = &m->c;
+    size_t nc = pf_batch_n_completion(seg, P);
+    if (work_alloc(w, m, T, nc, pf_attn_scratch(seg, P), 0, lo, 0, st)) return st->code;
+    build_index(tokens, seg, P, w->pos, w->rows, w->targets);
+    fctx f = {m, lo, 0, T, seg, P, NULL, NULL, 0};
+    embed_rows(m, tokens, T, w->x);
+    for (int l = 0; l < c->n_layers; l++) layer_forward(&f, w, l, w->x, w->x);
+    pf_rmsnorm_forward(w->xf, w->rstdf, w->x, m->norm, T, c->dim, c->eps);
+    return PF_OK;
+}
+
 int pf_model_score(pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg, int P,
                    int use_lora, double *logp, int32_t *n, float *per_token, pf_status *st) {
     if (pf_batch_check(m, tokens, n_tokens, seg, P, st)) return st->code;
     const pf_config *c = &m->c;
     const pf_lora *lo = use_lora && m->lora.rank > 0 ? &m->lora : NULL;
-    size_t T = n_tokens, nc = pf_batch_n_completion(seg, P);
+    size_t nc = pf_batch_n_completion(seg, P);
     pf_work w;
-    if (work_alloc(&w, m, T, nc, pf_attn_scratch(seg, P), 0, lo, 0, st)) return st->code;
-    build_index(tokens, seg, P, w.pos, w.rows, w.targets);
-    fctx f = {m, lo, 0, T, seg, P, NULL, NULL, 0};
-    embed_rows(m, tokens, T, w.x);
-    for (int l = 0; l < c->n_layers; l++) layer_forward(&f, &w, l, w.x, w.x);
-    pf_rmsnorm_forward(w.xf, w.rstdf, w.x, m->norm, T, c->dim, c->eps);
+    if (forward_packed(m, lo, tokens, n_tokens, seg, P, &w, st)) return st->code;
     pf_head_logp_forward(w.tok_logp, w.xf, c->dim, w.rows, w.targets, nc, m->head, c->vocab,
                          w.hbuf, HEAD_CHUNK);
     pair_sums(w.tok_logp, seg, P, logp, n);
     if (per_token)
         for (size_t i = 0; i < nc; i++) per_token[i] = (float)w.tok_logp[i];
+    free(w.mem);
+    return PF_OK;
+}
+
+int pf_model_completion_logits(pf_model *m, const int32_t *tokens, size_t n_tokens,
+                               const int32_t *seg, int P, int use_lora, float *logits,
+                               pf_status *st) {
+    if (pf_batch_check(m, tokens, n_tokens, seg, P, st)) return st->code;
+    const pf_config *c = &m->c;
+    const pf_lora *lo = use_lora && m->lora.rank > 0 ? &m->lora : NULL;
+    size_t nc = pf_batch_n_completion(seg, P), D = c->dim;
+    pf_work w;
+    if (forward_packed(m, lo, tokens, n_tokens, seg, P, &w, st)) return st->code;
+    /* gather the nc (< T) scoring rows into a1 [nc, D]; logits [nc, V] = a1 @ head^T */
+    for (size_t i = 0; i < nc; i++)
+        memcpy(w.a1 + i * D, w.xf + (size_t)w.rows[i] * D, sizeof(float) * D);
+    if (nc > 0)
+        pf_gemm(0, 1, (int)nc, c->vocab, c->dim, 1.0f, w.a1, c->dim, m->head, c->dim, 0.0f,
+                logits, c->vocab);
     free(w.mem);
     return PF_OK;
 }

@@ -154,7 +154,8 @@ class Comparison:
         lines.append(
             f"  - statistics: exact McNemar p = {self.p_value:.3g} on "
             f"{_plural(self.x_only + self.y_only, 'discordant pair')} ({self.x_label} alone right "
-            f"on {self.x_only}, {self.y_label} alone on {self.y_only}): {strength_words(self.p_value)}; accuracy {c}% Wilson intervals "
+            f"on {self.x_only}, {self.y_label} alone on {self.y_only}): "
+            f"{strength_words(self.p_value)}; accuracy {c}% Wilson intervals "
             f"{self.x_label} [{_pct(self.x_acc_ci[0])}, {_pct(self.x_acc_ci[1])}], {self.y_label} "
             f"[{_pct(self.y_acc_ci[0])}, {_pct(self.y_acc_ci[1])}]; margin difference "
             f"{self.x_label} - {self.y_label} {self.x_margin - self.y_margin:+.4g}, {c}% bootstrap "
