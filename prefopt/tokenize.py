@@ -527,8 +527,10 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF") -> Ch
 
     normalizer, pre_tok, ignore_merges = _pre_tokenizer(_PRE_FAMILIES[pre])
     try:
-        bpe = models.BPE(vocab, merges, byte_fallback=False, unk_token=None, fuse_unk=False,
-                         ignore_merges=ignore_merges)
+        extra = {"ignore_merges": True} if ignore_merges else {}  # needs tokenizers >= 0.19
+        bpe = models.BPE(vocab, merges, byte_fallback=False, unk_token=None, fuse_unk=False, **extra)
+    except TypeError as e:
+        raise ValueError(f"{source}: pre-tokenizer {pre!r} needs a newer 'tokenizers': {e}") from e
     except Exception as e:  # tokenizers raises its own Exception type for bad merges
         raise ValueError(f"{source}: vocabulary/merges rejected by tokenizers: {e}") from e
     tk = Tokenizer(bpe)
@@ -552,6 +554,7 @@ def tokenizer_from_gguf(metadata: Mapping[str, Any], source: str = "GGUF") -> Ch
     ids = {k: _as_int(metadata.get(f"tokenizer.ggml.{k}_token_id"), f"{k}_token_id", source)
            for k in ("bos", "eos", "padding", "unknown")}
     template = _as_str(metadata.get("tokenizer.chat_template"))
+    # absent flag: no BOS (what transformers' GGUF loader assumes for byte-level BPE)
     add_bos = bool(metadata.get("tokenizer.ggml.add_bos_token", False))
     return ChatTokenizer(tk, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["padding"],
                          unk_id=ids["unknown"], add_bos=add_bos, chat_template=template,

@@ -490,3 +490,28 @@ def test_hf_dir_ids_from_configs(tmp_path, hf_ref):
     (tmp_path / "tokenizer.json").unlink()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         T.tokenizer_from_hf_dir(tmp_path)
+
+
+def test_synthetic_vocab_respelling_and_added_tokens():
+    """A tiny vocabulary: the 256 byte symbols, a merge Ġ+b -> Ġb, a normal token stored in raw
+    text ("a b": re-spelled "aĠb", as transformers' GGUF loader does), a control token and a
+    user-defined token."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
+
+    alphabet = T._byte_alphabet()
+    tokens = [alphabet[b] for b in range(256)] + ["Ġb", "a b", "<|eot|>", "<think>"]
+    types = [1] * 258 + [3, 4]
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "gpt-2",
+            "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": types,
+            "tokenizer.ggml.merges": ["Ġ b"], "tokenizer.ggml.eos_token_id": 258}
+    t = T.tokenizer_from_gguf(meta)
+    ref, _ = convert_gguf_tokenizer("llama", {"tokenizer_type": "gpt2", "pre_tokenizer_type": "gpt-2",
+                                              "tokens": tokens, "token_type": types,
+                                              "merges": meta["tokenizer.ggml.merges"]})
+    for text in ["a b", "a ba b<|eot|>x<think>y", "zz a bb"]:
+        assert t.encode(text) == ref.encode(text, add_special_tokens=False).ids, text
+    assert t.encode("a b") == [ord("a"), 256]
+    assert t.tokenizer.token_to_id("aĠb") == 257 and t.decode([257]) == "a b"
+    assert t.encode("x<|eot|>y<think>") == [ord("x"), 258, ord("y"), 259]
+    assert t.decode([256, 258, 259], skip_special=True) == " b<think>"
+    assert (t.bos_id, t.eos_id, t.pad_id, t.add_bos) == (None, 258, 258, False)
