@@ -23,8 +23,20 @@ Conventions (chosen to score exactly what transformers + TRL score):
   then the second-to-last completion token, and it is scored.
 * Plain-text pairs: the prompt gets a BOS if the model wants one (``add_bos``); each
   completion gets the EOS id appended once (not twice if the text already ends with it).
+* Conversational prompts get a BOS prepended only if the model wants one (``add_bos``) and
+  the template did not write it (Llama 3 templates write ``{{ bos_token }}`` themselves;
+  SmolLM2 and Qwen2 want none). transformers' ``apply_chat_template`` never adds one, so the
+  two differ only for a model that wants a BOS whose template omits it.
 * Prompt and completion are tokenised separately and concatenated, so chosen and rejected
-  share identical prompt ids. A BOS is only ever put at the start of a prompt.
+  share identical prompt ids. A BOS is only ever put at the start of a prompt. (For
+  SmolLM2 the BOS id is ``<|im_start|>``, which the template also writes at every turn, so a
+  multi-message completion contains it as a turn marker.) On SmolLM2 and 230 real HH
+  conversations this equals TRL's joint tokenisation ``full_ids[len(prompt_ids):]`` exactly
+  (tests/test_tokenize.py).
+* SmolLM2's GGUF says ``tokenizer.ggml.pre = "smollm"``: digits are isolated before the GPT-2
+  regex, as in the model's own tokenizer.json and llama.cpp. transformers' GGUF loader (5.x)
+  ignores this and tokenises e.g. ``"\n\n1."`` differently; the model itself gives the
+  digit-isolating ids a higher likelihood, so prefopt follows the model.
 * Truncation: a prompt longer than ``max_prompt_length`` keeps its end (and keeps the BOS
   we prepended, if any); each completion then keeps its first ``max_length - len(prompt)``
   tokens, independently of the other one. A pair left with a 0-token completion is dropped

@@ -515,3 +515,36 @@ def test_synthetic_vocab_respelling_and_added_tokens():
     assert t.encode("x<|eot|>y<think>") == [ord("x"), 258, ord("y"), 259]
     assert t.decode([256, 258, 259], skip_special=True) == " b<think>"
     assert (t.bos_id, t.eos_id, t.pad_id, t.add_bos) == (None, 258, 258, False)
+
+
+def test_model_prefers_the_digit_rule(gguf_file, tok):
+    """Why prefopt isolates digits for "smollm": SmolLM2 itself (prefopt's C forward, which
+    tests elsewhere check against transformers) gives the digit-isolating token ids a higher
+    log-likelihood than the ids of transformers' GGUF tokenizer (plain GPT-2 ByteLevel)."""
+    import copy
+
+    import numpy as np
+    from tokenizers import pre_tokenizers
+
+    import prefopt
+    from prefopt import batching
+
+    prefopt.set_num_threads(1)
+    model = prefopt.load(gguf_file)
+    plain = copy.deepcopy(tok.tokenizer)
+    plain.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    texts = ["Here are some ideas:\n\n1. Draw a circle.\n\n2. Paint it red.",
+             "Steps:\n\n1) Open the box\n\n2) Take it out",
+             "You could try these:\n\n1. Call a friend.",
+             "The totals are  10 and  20 dollars.",
+             "I have two answers:\n\n3 apples and 4 pears."]
+    pairs = []
+    for i, text in enumerate(texts):
+        ours, theirs = tok.encode(text), plain.encode(text).ids
+        assert ours != theirs and tok.decode(theirs) == text
+        pairs.append(batching.as_token_pair({"prompt_ids": [tok.eos_id, 198], "chosen_ids": ours,
+                                             "rejected_ids": theirs, "id": str(i)}))
+    logp, _ = batching.score_pairs(model.core, pairs, 8, False)
+    gain = logp[:, 0] - logp[:, 1]
+    print("log-likelihood gain of the digit rule per text (nats):", np.round(gain, 2))
+    assert np.all(gain > 1.0) and gain.sum() > 20.0
