@@ -314,6 +314,43 @@ fail:
     return NULL;
 }
 
+/* test helper: full logits at the completion-predicting positions */
+static PyObject *Model_completion_logits(PyModel *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"tokens", "segments", "use_lora", NULL};
+    PyObject *tokens, *segments;
+    int use_lora = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|p", kwlist, &tokens, &segments, &use_lora))
+        return NULL;
+    if (model_enter(self)) return NULL;
+    batch_args b;
+    if (batch_parse(self, tokens, segments, &b)) return NULL;
+    size_t nc = pf_batch_n_completion(PyArray_DATA(b.seg), b.P);
+    if (nc * (size_t)self->m.c.vocab > ((size_t)1 << 28)) {
+        batch_release(&b);
+        PyErr_SetString(PyExc_ValueError, "_completion_logits is a test helper: batch too large");
+        return NULL;
+    }
+    PyObject *lg = new_array(2, (npy_intp)nc, self->m.c.vocab, NPY_FLOAT32);
+    if (!lg) {
+        batch_release(&b);
+        return NULL;
+    }
+    pf_status st = {0};
+    int rc;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pf_model_completion_logits(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg),
+                                    b.P, use_lora, PyArray_DATA((PyArrayObject *)lg), &st);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    batch_release(&b);
+    if (rc) {
+        Py_DECREF(lg);
+        return pf_status_to_exc(&st);
+    }
+    return lg;
+}
+
 static PyObject *Model_train_step(PyModel *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"tokens", "segments", "ref", "objective", "weight", "dropout_seed",
                              NULL};
@@ -372,6 +409,51 @@ fail:
     batch_release(&b);
     Py_XDECREF(ref);
     for (int i = 0; i < 7; i++) Py_XDECREF(o[i]);
+    return NULL;
+}
+
+static PyObject *Model_logp_backward(PyModel *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"tokens", "segments", "coef", "dropout_seed", NULL};
+    PyObject *tokens, *segments, *coefo;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|K", kwlist, &tokens, &segments, &coefo,
+                                     &seed))
+        return NULL;
+    if (model_enter(self) || need_lora(self, "logp_backward")) return NULL;
+    batch_args b;
+    if (batch_parse(self, tokens, segments, &b)) return NULL;
+    PyObject *logp = NULL, *n = NULL;
+    PyArrayObject *coef = pf_as_array(coefo, NPY_FLOAT64, 2, "coef");
+    if (!coef) goto fail;
+    if (PyArray_DIM(coef, 0) != b.P || PyArray_DIM(coef, 1) != 2) {
+        PyErr_Format(PyExc_ValueError, "coef must have shape (%d, 2)", b.P);
+        goto fail;
+    }
+    logp = new_array(2, b.P, 2, NPY_FLOAT64);
+    n = new_array(2, b.P, 2, NPY_INT32);
+    if (!logp || !n) goto fail;
+    pf_status st = {0};
+    int rc;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pf_model_logp_backward(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg), b.P,
+                                PyArray_DATA(coef), (uint64_t)seed,
+                                PyArray_DATA((PyArrayObject *)logp),
+                                PyArray_DATA((PyArrayObject *)n), &st);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (rc) {
+        pf_status_to_exc(&st);
+        goto fail;
+    }
+    batch_release(&b);
+    Py_DECREF(coef);
+    return Py_BuildValue("{s:N,s:N}", "logp", logp, "n", n);
+fail:
+    batch_release(&b);
+    Py_XDECREF(coef);
+    Py_XDECREF(logp);
+    Py_XDECREF(n);
     return NULL;
 }
 
@@ -788,6 +870,15 @@ static PyMethodDef Model_methods[] = {
     {"train_step", (PyCFunction)(void (*)(void))Model_train_step, METH_VARARGS | METH_KEYWORDS,
      "train_step(tokens, segments, ref, objective, weight=1.0, dropout_seed=0) -> per-pair "
      "numbers; accumulates weight * d(sum of pair losses)/d(LoRA params) into the grads."},
+    {"_completion_logits", (PyCFunction)(void (*)(void))Model_completion_logits,
+     METH_VARARGS | METH_KEYWORDS,
+     "_completion_logits(tokens, segments, use_lora=True) -> float32 [n_completion, V] (test "
+     "helper: the logits at the positions that predict completion tokens)."},
+    {"logp_backward", (PyCFunction)(void (*)(void))Model_logp_backward,
+     METH_VARARGS | METH_KEYWORDS,
+     "logp_backward(tokens, segments, coef [P,2] float64, dropout_seed=0) -> {logp, n}; "
+     "accumulates d(sum coef * completion logp sums)/d(LoRA params) into the grads (any "
+     "packed layout, empty completions allowed)."},
     {"activation_bytes", (PyCFunction)(void (*)(void))Model_activation_bytes,
      METH_VARARGS | METH_KEYWORDS,
      "activation_bytes(segments, train=True) -> bytes of the work arena a call allocates."},

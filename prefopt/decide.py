@@ -153,8 +153,9 @@ class Comparison:
         lines += [f"  - {r}" for r in self.reasons]
         lines.append(
             f"  - statistics: exact McNemar p = {self.p_value:.3g} on "
-            f"{_plural(self.x_only + self.y_only, 'discordant pair')} ({self.x_label} alone right on {self.x_only}, {self.y_label} alone on "
-            f"{self.y_only}): {strength_words(self.p_value)}; accuracy {c}% Wilson intervals "
+            f"{_plural(self.x_only + self.y_only, 'discordant pair')} ({self.x_label} alone right "
+            f"on {self.x_only}, {self.y_label} alone on {self.y_only}): "
+            f"{strength_words(self.p_value)}; accuracy {c}% Wilson intervals "
             f"{self.x_label} [{_pct(self.x_acc_ci[0])}, {_pct(self.x_acc_ci[1])}], {self.y_label} "
             f"[{_pct(self.y_acc_ci[0])}, {_pct(self.y_acc_ci[1])}]; margin difference "
             f"{self.x_label} - {self.y_label} {self.x_margin - self.y_margin:+.4g}, {c}% bootstrap "
@@ -354,6 +355,7 @@ class Verdict:
     lower_rank: List[LowerRankCheck]
     reviews: Dict[str, Review]
     text: str
+    cautions: List[str] = field(default_factory=list)
 
     @property
     def point_size(self) -> float:
@@ -365,7 +367,8 @@ class Verdict:
                 "comparisons": [c.to_dict() for c in self.comparisons],
                 "across": [a.to_dict() for a in self.across],
                 "lower_rank": [l.to_dict() for l in self.lower_rank],
-                "reviews": {k: v.to_dict() for k, v in self.reviews.items()}, "text": self.text}
+                "reviews": {k: v.to_dict() for k, v in self.reviews.items()},
+                "cautions": list(self.cautions), "text": self.text}
 
     def __str__(self) -> str:
         return self.text
@@ -436,20 +439,60 @@ def decide(runs: Sequence[RunResult], metric: str = "avg",
                 best_rank = k
                 break
 
+    cautions = _cautions(metric, best, best_rank, objectives, grid, comparisons, reviews, kw)
     text = _verdict_text(metric, n, outcome, best, best_rank, comparisons, across, lower,
-                         reviews, runs)
+                         reviews, runs, cautions)
     return Verdict(metric=metric, n=n, outcome=outcome, best=best, best_rank=best_rank,
                    comparisons=comparisons, across=across, lower_rank=lower, reviews=reviews,
-                   text=text)
+                   text=text, cautions=cautions)
 
 
-def _verdict_text(metric, n, outcome, best, best_rank, comparisons, across, lower, reviews, runs):
+def _cautions(metric, best, best_rank, objectives, grid, comparisons, reviews, kw) -> List[str]:
+    """Things the reader must know before acting on the verdict."""
+    out = []
+    ps = [c.p_value for c in comparisons if c.winner is not None]
+    if ps and min(ps) >= 0.05:
+        out.append(f"no paired exact test reaches p < 0.05 (smallest p = {min(ps):.3g}): with "
+                   "this many held-out pairs the differences could be chance; more held-out "
+                   "pairs would make the verdict firmer")
+    # the other correctness metric: does it tell the same story?
+    other = "ref" if metric == "avg" else "avg"
+    okw = dict(kw, metric=other)
+    for c in comparisons:
+        x = next(r for r in grid.values() if r.name == c.x)
+        y = next(r for r in grid.values() if r.name == c.y)
+        o = compare(x, y, **okw)
+        if (o.winner, o.outcome) != (c.winner, c.outcome):
+            out.append(f"with the '{other}' metric, rank {c.rank} reads: {o.headline.split(': ', 1)[-1]} "
+                       f"({o.x_label} {o.x_correct}/{o.n}, {o.y_label} {o.y_correct}/{o.n}); "
+                       f"the metrics disagree")
+    if best is not None:
+        o = next(o for o in objectives if display(o) == best)
+        run = grid.get((o, best_rank))
+        if run is not None:
+            rv = reviews[run.name]
+            if INFLATION in rv.flags:
+                out.append(f"{run.name} ({best}, rank {best_rank}) is flagged '{INFLATION}': "
+                           "its training margin rose but held-out stayed flat")
+            if (rv.heldout_source == "baseline" and rv.heldout_correct is not None
+                    and rv.heldout_correct <= rv.baseline_correct):
+                out.append(f"{run.name} is right on {rv.heldout_correct}/{rv.heldout_n} held-out "
+                           f"pairs, the base model on {rv.baseline_correct}: it does not beat the "
+                           "base model")
+    return out
+
+
+def _verdict_text(metric, n, outcome, best, best_rank, comparisons, across, lower, reviews, runs,
+                  cautions):
     pt = 100.0 / n
     if best is not None and outcome == DECISION:
         head = f"Decision: keep {best}" + (f" (rank {best_rank})" if best_rank is not None else "") + "."
     elif best is not None:
         head = (f"Hint only: {best} looks better" + (f" (rank {best_rank})" if best_rank else "")
                 + ", but the rule's conditions for a decision are not all met.")
+    elif len({r.objective.lower() for r in runs}) == 1:
+        head = (f"Only one objective ({display(runs[0].objective)}): nothing to decide between "
+                "objectives; see the lower-rank preference below.")
     else:
         head = "No evidence: no objective is better than the others on the held-out pairs."
     lines = [head, "",
@@ -470,9 +513,6 @@ def _verdict_text(metric, n, outcome, best, best_rank, comparisons, across, lowe
         rv = reviews[r.name]
         lines.append(f"- {r.name} ({display(r.objective)}, rank {r.rank}): "
                      + ("; ".join(rv.flags) if rv.flags else "no flags"))
-    ps = [c.p_value for c in comparisons if c.winner is not None]
-    if ps and min(ps) >= 0.05:
-        lines += ["", f"Caution: no paired exact test reaches p < 0.05 (smallest p = {min(ps):.3g}); "
-                      "with this many held-out pairs the differences could be chance. More "
-                      "held-out pairs would make the verdict firmer."]
+    if cautions:
+        lines += ["", "Cautions:"] + [f"- {c}" for c in cautions]
     return "\n".join(lines)

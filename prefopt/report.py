@@ -19,17 +19,37 @@ def _key(v: Any) -> str:
     return json.dumps(v, sort_keys=True, default=str)
 
 
+def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
+    """Nested dicts as dotted keys; a nested key equal to the same top-level setting is dropped
+    (the run layer stores the ablation's fixed settings again under ``fixed``)."""
+    out: Dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            for k2, v2 in _flatten(v, key + ".").items():
+                out[k2] = v2
+        else:
+            out[key] = v
+    for key in [k for k in out if "." in k]:
+        short = key.rsplit(".", 1)[1]
+        if short in out and _key(out[short]) == _key(out[key]):
+            del out[key]
+    return out
+
+
 def fixed_settings(runs: Sequence[RunResult]) -> Tuple[Dict[str, Any], Dict[str, List[Any]]]:
     """(settings equal in every run, {setting: [value per run]} for those that differ).
 
-    A setting missing from some runs counts as differing (value None there).
+    Nested setting dicts are flattened to dotted keys. A setting missing from some runs
+    counts as differing (value None there).
     """
     runs = list(runs)
-    keys = list(dict.fromkeys(k for r in runs for k in r.settings))
+    flat = [_flatten(r.settings) for r in runs]
+    keys = list(dict.fromkeys(k for f in flat for k in f))
     fixed, varying = {}, {}
     for k in keys:
-        vals = [r.settings.get(k) for r in runs]
-        if all(k in r.settings for r in runs) and len({_key(v) for v in vals}) == 1:
+        vals = [f.get(k) for f in flat]
+        if all(k in f for f in flat) and len({_key(v) for v in vals}) == 1:
             fixed[k] = vals[0]
         else:
             varying[k] = vals
@@ -92,6 +112,8 @@ def _fmt(v: Any, pct: bool = False) -> str:
         if math.isnan(v):
             return "-"
         return f"{100 * v:.1f}%" if pct else f"{v:.4g}"
+    if isinstance(v, (list, tuple)) and len(v) > 8:
+        v = ", ".join(str(x) for x in v[:6]) + f", ... ({len(v)} items)"
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
@@ -163,9 +185,10 @@ def write_report(runs: Sequence[RunResult], out_dir, verdict: Optional[Verdict] 
           f"{n} held-out pairs; one pair is {100.0 / n:.3g} accuracy points. `avg`: Lc/nc > Lr/nr "
           "(mean log-prob per completion token); `ref`: (Lc-Rc) > (Lr-Rr) (DPO's implicit "
           f"reward; 0% for the base model by construction). Lift is by `{metric}`.", ""]
+    scored = any("heldout_score" in r for r in rows)
     header = ["run", "objective", "rank", "train margin (late)", "held-out avg acc",
               "held-out ref acc", "avg margin", "ref margin", f"base {metric} acc",
-              "lift (pairs / points)", "flags"]
+              "lift (pairs / points)"] + (["scorer mean"] if scored else []) + ["flags"]
     body = []
     for r in rows:
         lift = ("-" if r["lift_pairs"] is None
@@ -173,7 +196,9 @@ def write_report(runs: Sequence[RunResult], out_dir, verdict: Optional[Verdict] 
         body.append([_fmt(r["run"]), r["objective"], str(r["rank"]), _fmt(r["train_margin_late"]),
                      _fmt(r["heldout_avg_acc"], True), _fmt(r["heldout_ref_acc"], True),
                      _fmt(r["heldout_avg_margin"]), _fmt(r["heldout_ref_margin"]),
-                     _fmt(r[f"baseline_{metric}_acc"], True), lift, _fmt(r["flags"]) or "-"])
+                     _fmt(r[f"baseline_{metric}_acc"], True), lift]
+                    + ([_fmt(r.get("heldout_score"))] if scored else [])
+                    + [_fmt(r["flags"]) or "-"])
     L += [_md_table(header, body), ""]
 
     slices = sorted({s for r in runs if r.heldout is not None for s in r.heldout.slices()})

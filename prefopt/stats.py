@@ -111,7 +111,8 @@ def bootstrap_mean_diff(x: Sequence[float], y: Sequence[float], n_boot: int = 10
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     if x.shape != y.shape or x.ndim != 1:
-        raise ValueError(f"paired bootstrap needs two 1-D arrays of equal length, got {x.shape} and {y.shape}")
+        raise ValueError("paired bootstrap needs two 1-D arrays of equal length, "
+                         f"got {x.shape} and {y.shape}")
     if x.size == 0:
         raise ValueError("paired bootstrap needs at least one pair")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):

@@ -7,7 +7,8 @@ import math
 
 import pytest
 
-from prefopt.decide import DECISION, HINT, NO_EVIDENCE, compare, decide, lower_rank_check
+from prefopt.decide import (DECISION, HINT, INFLATION, NO_EVIDENCE, compare, decide,
+                            lower_rank_check)
 from prefopt.results import EvalResult, PairEval, RunResult
 from prefopt.stats import (bootstrap_mean_diff, clopper_pearson_interval, mcnemar_exact,
                            wilson_interval)
@@ -137,7 +138,7 @@ def test_verdict_dpo_over_simpo_at_both_ranks():
     assert v.best_rank == 8  # rank 8 equal on held-out -> lower rank preferred
     assert v.text.startswith("Decision: keep DPO (rank 8).")
     assert "one pair is 10 accuracy points" in v.text
-    assert "Caution" in v.text  # p = 1 on one discordant pair: say it could be chance
+    assert "could be chance" in v.text  # p = 1 on one discordant pair
     d = v.to_dict()
     assert d["outcome"] == DECISION and len(d["comparisons"]) == 2
 
@@ -218,3 +219,35 @@ def test_bootstrap_interval():
         bootstrap_mean_diff([1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="finite"):
         bootstrap_mean_diff([float("nan")], [1.0])
+
+
+def test_three_objectives_best_must_beat_both():
+    runs = [run("A", "dpo", 16, X6), run("B", "simpo", 16, Y), run("E", "orpo", 16, Y)]
+    v = decide(runs, n_boot=500)
+    assert v.best == "DPO" and v.outcome == DECISION and len(v.across) == 3
+    assert {(a.a, a.b) for a in v.across} == {("DPO", "SimPO"), ("DPO", "ORPO"), ("SimPO", "ORPO")}
+    # ORPO ties DPO: nobody beats everyone
+    runs[2] = run("E", "orpo", 16, X6)
+    v = decide(runs, n_boot=500)
+    assert v.best is None and v.outcome == NO_EVIDENCE
+
+
+def test_cautions_metric_disagreement_and_base_model():
+    # avg: DPO right on 6 vs 5 (decision); ref: SimPO right on all 10, DPO on 6
+    pairs_y = [PairEval(f"p{i}", SLICES[i % 2], Y[i], 1.0) for i in range(10)]
+    y = RunResult("B", "simpo", 16, heldout=EvalResult.from_pairs(pairs_y))
+    base = ev([0.5] * 8 + [-0.5] * 2)  # the base model is right on 8
+    x = run("A", "dpo", 16, X6, baseline=base)
+    v = decide([x, y], n_boot=500)
+    assert v.best == "DPO" and v.outcome == DECISION
+    assert any("'ref' metric" in c and "disagree" in c for c in v.cautions)
+    assert any("does not beat the base model" in c for c in v.cautions)
+    assert any(INFLATION in c for c in v.cautions)  # train up, held-out below the base model
+    assert "Cautions:" in v.text
+
+
+def test_single_objective_two_ranks():
+    v = decide([run("A", "dpo", 16, X6), run("C", "dpo", 8, X6)], n_boot=500)
+    assert v.outcome == NO_EVIDENCE and v.comparisons == []
+    assert v.text.startswith("Only one objective (DPO)")
+    assert len(v.lower_rank) == 1 and v.lower_rank[0].prefer_low

@@ -103,6 +103,13 @@ def test_fixed_settings(runs):
     fixed, varying = fixed_settings(runs)
     assert fixed["seed"] == 0 and fixed["steps"] == 20
     assert set(varying) == {"objective", "rank", "beta"}
+    # nested settings are flattened; repeats of a top-level setting are dropped
+    for r in runs:
+        r.settings["fixed"] = {"seed": 0, "split_seed": 7, "ids": list(range(20))}
+    fixed, varying = fixed_settings(runs)
+    assert fixed["fixed.split_seed"] == 7 and "fixed.seed" not in fixed
+    runs[0].settings["fixed"]["split_seed"] = 8
+    assert fixed_settings(runs)[1]["fixed.split_seed"] == [8, 7, 7, 7]
 
 
 def test_report_md(runs, tmp_path):
@@ -117,8 +124,38 @@ def test_report_md(runs, tmp_path):
     assert "McNemar" in text and "Wilson" in text and "bootstrap" in text
     assert "one pair is 8.33 accuracy points" in text
     assert "| seed | 0 |" in text                     # fixed settings
+    assert "| heldout_ids | h0..h11 |" in text
     assert "](plots/margins.png)" in text and (out / "plots" / "margins.png").exists()
     assert "logs/A.jsonl" in text
     assert (out / "verdict.json").exists() and (out / "runs.json").exists()
     for p in (out / "plots").iterdir():
         _png_ok(p)
+
+
+def test_without_matplotlib_clear_error_and_report_still_written(runs, tmp_path, monkeypatch):
+    import sys
+    for m in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, m)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'prefopt\[plots\]'"):
+        plots.plot_margins(runs, tmp_path / "m.png")
+    text = write_report(runs, tmp_path / "r", n_boot=200).read_text()
+    assert "Plots skipped" in text and "prefopt[plots]" in text
+    assert not (tmp_path / "r" / "plots").exists()
+
+
+def test_table_without_pandas_is_a_list_of_dicts(runs, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    rows = table(runs)
+    assert isinstance(rows, list) and rows[1]["run"] == "B" and rows[1]["objective"] == "SimPO"
+
+
+def test_report_shows_scorer_column(runs, tmp_path):
+    for r in runs:
+        r.heldout = EvalResult.from_pairs([PairEval(p.id, p.slice, p.avg_margin, p.ref_margin,
+                                                    score=1.0 if p.avg_correct else 0.0)
+                                           for p in r.heldout.pairs])
+    text = write_report(runs, tmp_path / "r", plots=False, n_boot=200).read_text()
+    assert "scorer mean" in text and "| 0.75 |" in text  # run A: 9 of 12 scored 1
+    assert "Plots not requested" in text
