@@ -782,6 +782,29 @@ static int Model_set_adam_step(PyModel *self, PyObject *v, void *closure) {
     return 0;
 }
 
+static PyObject *Model_get_budget(PyModel *self, void *closure) {
+    return PyLong_FromSize_t(self->m.act_budget);
+}
+
+static int Model_set_budget(PyModel *self, PyObject *v, void *closure) {
+    if (!v) {
+        PyErr_SetString(PyExc_TypeError, "cannot delete activation_budget");
+        return -1;
+    }
+    long long b = PyLong_AsLongLong(v);
+    if (b == -1 && PyErr_Occurred()) return -1;
+    if (b < 0) {
+        PyErr_SetString(PyExc_ValueError, "activation_budget must be >= 0 bytes");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Model is in use by another thread");
+        return -1;
+    }
+    self->m.act_budget = (size_t)b;
+    return 0;
+}
+
 static PyObject *Model_get_config(PyModel *self, void *closure) {
     if (!self->ready) Py_RETURN_NONE;
     const pf_config *c = &self->m.c;
@@ -910,6 +933,9 @@ static PyGetSetDef Model_getset[] = {
     {"adam_step", (getter)Model_get_adam_step, (setter)Model_set_adam_step,
      "AdamW updates made so far (bias-correction step counter).", NULL},
     {"config", (getter)Model_get_config, NULL, "The model config as a dict.", NULL},
+    {"activation_budget", (getter)Model_get_budget, (setter)Model_set_budget,
+     "Bytes of work arena train_step may use to keep layer activations for backward instead "
+     "of recomputing them (default 512 MiB; 0 = recompute all but the top layer).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -113,8 +113,8 @@ def test_score_is_deterministic_and_lora_off_is_base(models):
     assert "per_token" not in a
 
 
-def formula_floats(cfg, seg, train, rank=0, n_targets=0, n_lora=0, dropout=False):
-    """The activation-memory formula stated in csrc/model.h."""
+def formula_floats(cfg, seg, train, rank=0, n_targets=0, n_lora=0, dropout=False, keep=1):
+    """The activation-memory formula stated in csrc/model.h (keep = layers kept)."""
     D, F, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     H, Q, K = cfg["num_attention_heads"], cfg["num_attention_heads"] * cfg["head_dim"], \
         cfg["num_key_value_heads"] * cfg["head_dim"]
@@ -123,8 +123,10 @@ def formula_floats(cfg, seg, train, rank=0, n_targets=0, n_lora=0, dropout=False
     head = 64 * (D + V)
     if not train:
         return T * (5 * D + 2 * Q + 2 * K + 3 * F + H + 4) + T * rank * n_targets + S + head + 4 * n
+    per_layer = T * (3 * D + 2 * Q + 2 * K + 3 * F + H + 2) + T * rank * n_targets
     return ((L + 1) * T * D + T * (7 * D + 4 * Q + 4 * K + 6 * F + H + 4) + T * rank * (n_targets + 1)
-            + (T * max(D, F, Q) if dropout else 0) + 2 * S + head + 5 * n + n_lora)
+            + (T * max(D, F, Q) if dropout else 0) + 2 * S + head + 5 * n + n_lora
+            + (keep - 1) * per_layer)
 
 
 def test_activation_bytes_match_stated_formula(models):
@@ -136,10 +138,22 @@ def test_activation_bytes_match_stated_formula(models):
     assert 0 <= ev - 4 * formula_floats(cfg, seg, False) <= slack
     m.lora_init(4, 8.0, ["q_proj", "k_proj", "down_proj"], dropout=0.1)
     n_lora = m.lora_info()["n_params"]
-    tr = m.activation_bytes(seg, train=True)
-    want = 4 * formula_floats(cfg, seg, True, 4, 3, n_lora, dropout=True)
-    assert 0 <= tr - want <= slack
-    m.lora_remove()
+    assert m.activation_budget == 512 << 20
+    try:
+        m.activation_budget = 0  # recompute every layer but the top one
+        tr = m.activation_bytes(seg, train=True)
+        want = 4 * formula_floats(cfg, seg, True, 4, 3, n_lora, dropout=True)
+        assert 0 <= tr - want <= slack
+        m.activation_budget = 1 << 40  # keep every layer
+        L = cfg["num_hidden_layers"]
+        tr = m.activation_bytes(seg, train=True)
+        want = 4 * formula_floats(cfg, seg, True, 4, 3, n_lora, dropout=True, keep=L)
+        assert 0 <= tr - want <= slack * L
+        with pytest.raises(ValueError):
+            m.activation_budget = -1
+    finally:
+        m.activation_budget = 512 << 20
+        m.lora_remove()
 
 
 # ---------------------------------------------------------------- bad input
