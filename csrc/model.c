@@ -501,6 +501,107 @@ int pf_model_completion_logits(pf_model *m, const int32_t *tokens, size_t n_toke
 /* train step                                                                */
 /* ------------------------------------------------------------------------ */
 
+/* The per-completion gradient coefficients dL/dL_completion [P,2] from the
+ * logp sums [P,2] and counts: the objective (train_step) or given (logp_backward). */
+typedef int (*coef_fn)(void *ctx, const double *logp, const int32_t *n, int P, double *dL,
+                       pf_status *st);
+
+/* Forward with the adapter (storing each layer's input), coefficients, then
+ * backward of sum over completions of dL * logp into a private gradient
+ * buffer, added to the LoRA grad arena only if every entry is finite. */
+static int forward_backward(pf_model *m, const int32_t *tokens, size_t n_tokens,
+                            const int32_t *seg, int P, uint64_t dropout_seed, coef_fn coef,
+                            void *ctx, double *logp, int32_t *n, pf_status *st) {
+    const pf_config *c = &m->c;
+    const pf_lora *lo = &m->lora;
+    int drop_on = lo->dropout > 0.0f && dropout_seed != 0;
+    size_t T = n_tokens, nc = pf_batch_n_completion(seg, P), D = c->dim;
+    double *dL = pf_malloc(sizeof(double) * 2 * (size_t)P, "completion gradients", st);
+    if (!dL) return st->code;
+    pf_work w;
+    if (work_alloc(&w, m, T, nc, pf_attn_scratch(seg, P), 1, lo, drop_on, st)) {
+        free(dL);
+        return st->code;
+    }
+    build_index(tokens, seg, P, w.pos, w.rows, w.targets);
+    fctx f = {m, lo, drop_on ? dropout_seed : 0, T, seg, P, NULL, NULL, 0};
+    int L = c->n_layers, rc = PF_OK;
+    /* forward, storing each layer's input */
+    embed_rows(m, tokens, T, w.store);
+    for (int l = 0; l < L; l++)
+        layer_forward(&f, &w, l, w.store + (size_t)l * T * D, w.store + (size_t)(l + 1) * T * D);
+    const float *xL = w.store + (size_t)L * T * D;
+    pf_rmsnorm_forward(w.xf, w.rstdf, xL, m->norm, T, c->dim, c->eps);
+    pf_head_logp_forward(w.tok_logp, w.xf, c->dim, w.rows, w.targets, nc, m->head, c->vocab,
+                         w.hbuf, HEAD_CHUNK);
+    pair_sums(w.tok_logp, seg, P, logp, n);
+    if ((rc = coef(ctx, logp, n, P, dL, st))) goto done;
+    /* every completion token's log-prob gets its completion's coefficient */
+    size_t i = 0;
+    for (int p = 0; p < P; p++)
+        for (int s2 = 0; s2 < 2; s2++)
+            for (int32_t j = 0; j < seg[3 * p + 1 + s2]; j++) w.dlogp[i++] = (float)dL[2 * p + s2];
+    /* backward: head, final norm, then the layers from the top, each
+     * recomputed from its stored input (the last one is still in w) */
+    memset(w.dA, 0, sizeof(float) * T * D);
+    pf_head_logp_backward(w.dA, w.dlogp, w.xf, c->dim, w.rows, w.targets, nc, m->head, c->vocab,
+                          w.hbuf, HEAD_CHUNK);
+    memset(w.dres, 0, sizeof(float) * T * D);
+    pf_rmsnorm_backward(w.dres, w.dA, xL, m->norm, w.rstdf, T, c->dim);
+    pf_lora lg = *lo; /* same adapter, gradients into this call's own buffer */
+    lg.grads = w.lgrad;
+    memset(w.lgrad, 0, sizeof(float) * lo->n_params);
+    for (int l = L - 1; l >= 0; l--) {
+        const float *xl = w.store + (size_t)l * T * D;
+        if (l != L - 1) layer_forward(&f, &w, l, xl, w.x);
+        layer_backward(&f, &lg, &w, l, xl, w.dres);
+    }
+    for (size_t j = 0; j < lo->n_params; j++) {
+        if (!isfinite(w.lgrad[j])) {
+            rc = pf_fail(st, PF_ENONFINITE,
+                         "non-finite LoRA gradient (parameter %zu); gradients left unchanged", j);
+            goto done;
+        }
+    }
+    for (size_t j = 0; j < lo->n_params; j++) lo->grads[j] += w.lgrad[j];
+done:
+    free(w.mem);
+    free(dL);
+    return rc;
+}
+
+typedef struct {
+    const double *ref;
+    const pf_objective *obj;
+    double weight;
+    pf_train_out *out;
+} objective_ctx;
+
+/* objective per pair; dL = weight * dLoss/dLc, dLoss/dLr */
+static int objective_coef(void *vctx, const double *logp, const int32_t *n, int P, double *dL,
+                          pf_status *st) {
+    objective_ctx *x = vctx;
+    pf_train_out *out = x->out;
+    for (int p = 0; p < P; p++) {
+        pf_pair_loss pl;
+        if (pf_objective_pair(x->obj, logp[2 * p], logp[2 * p + 1], x->ref[2 * p],
+                              x->ref[2 * p + 1], (double)n[2 * p], (double)n[2 * p + 1], &pl, st)) {
+            if (st->code == PF_ENONFINITE) {
+                char msg[sizeof st->msg];
+                snprintf(msg, sizeof msg, "%s", st->msg);
+                return pf_fail(st, PF_ENONFINITE, "pair %d: %s", p, msg);
+            }
+            return st->code;
+        }
+        out->loss[p] = pl.loss;
+        out->reward[2 * p] = pl.reward_c, out->reward[2 * p + 1] = pl.reward_r;
+        out->nll[p] = pl.nll, out->log_odds[p] = pl.log_odds, out->log_sig_odds[p] = pl.log_sig_odds;
+        dL[2 * p] = x->weight * pl.dLc;
+        dL[2 * p + 1] = x->weight * pl.dLr;
+    }
+    return PF_OK;
+}
+
 int pf_model_train_step(pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg,
                         int P, const double *ref, const pf_objective *obj, double weight,
                         uint64_t dropout_seed, pf_train_out *out, pf_status *st) {
@@ -515,71 +616,27 @@ int pf_model_train_step(pf_model *m, const int32_t *tokens, size_t n_tokens, con
                            p, (int)seg[3 * p + 1], (int)seg[3 * p + 2]);
     if (!isfinite(weight)) return pf_fail(st, PF_EINVAL, "weight must be finite");
     if (pf_objective_check(obj, st)) return st->code;
-    const pf_config *c = &m->c;
-    const pf_lora *lo = &m->lora;
-    int drop_on = lo->dropout > 0.0f && dropout_seed != 0;
-    size_t T = n_tokens, nc = pf_batch_n_completion(seg, P), D = c->dim;
-    pf_work w;
-    if (work_alloc(&w, m, T, nc, pf_attn_scratch(seg, P), 1, lo, drop_on, st)) return st->code;
-    build_index(tokens, seg, P, w.pos, w.rows, w.targets);
-    fctx f = {m, lo, drop_on ? dropout_seed : 0, T, seg, P, NULL, NULL, 0};
-    int L = c->n_layers;
-    /* forward, storing each layer's input */
-    embed_rows(m, tokens, T, w.store);
-    for (int l = 0; l < L; l++)
-        layer_forward(&f, &w, l, w.store + (size_t)l * T * D, w.store + (size_t)(l + 1) * T * D);
-    const float *xL = w.store + (size_t)L * T * D;
-    pf_rmsnorm_forward(w.xf, w.rstdf, xL, m->norm, T, c->dim, c->eps);
-    pf_head_logp_forward(w.tok_logp, w.xf, c->dim, w.rows, w.targets, nc, m->head, c->vocab,
-                         w.hbuf, HEAD_CHUNK);
-    pair_sums(w.tok_logp, seg, P, out->logp, out->n);
-    /* objective per pair; dlogp of each completion token = weight * dLoss/dL */
-    size_t i = 0;
-    for (int p = 0; p < P; p++) {
-        pf_pair_loss pl;
-        if (pf_objective_pair(obj, out->logp[2 * p], out->logp[2 * p + 1], ref[2 * p],
-                              ref[2 * p + 1], (double)out->n[2 * p], (double)out->n[2 * p + 1],
-                              &pl, st)) {
-            free(w.mem);
-            if (st->code == PF_ENONFINITE) {
-                char msg[sizeof st->msg];
-                snprintf(msg, sizeof msg, "%s", st->msg);
-                return pf_fail(st, PF_ENONFINITE, "pair %d: %s", p, msg);
-            }
-            return st->code;
-        }
-        out->loss[p] = pl.loss;
-        out->reward[2 * p] = pl.reward_c, out->reward[2 * p + 1] = pl.reward_r;
-        out->nll[p] = pl.nll, out->log_odds[p] = pl.log_odds, out->log_sig_odds[p] = pl.log_sig_odds;
-        float gc = (float)(weight * pl.dLc), gr = (float)(weight * pl.dLr);
-        for (int32_t j = 0; j < seg[3 * p + 1]; j++) w.dlogp[i++] = gc;
-        for (int32_t j = 0; j < seg[3 * p + 2]; j++) w.dlogp[i++] = gr;
-    }
-    /* backward: head, final norm, then the layers from the top, each
-     * recomputed from its stored input (the last one is still in w) */
-    memset(w.dA, 0, sizeof(float) * T * D);
-    pf_head_logp_backward(w.dA, w.dlogp, w.xf, c->dim, w.rows, w.targets, nc, m->head, c->vocab,
-                          w.hbuf, HEAD_CHUNK);
-    memset(w.dres, 0, sizeof(float) * T * D);
-    pf_rmsnorm_backward(w.dres, w.dA, xL, m->norm, w.rstdf, T, c->dim);
-    pf_lora lg = *lo; /* same adapter, gradients into this step's own buffer */
-    lg.grads = w.lgrad;
-    memset(w.lgrad, 0, sizeof(float) * lo->n_params);
-    for (int l = L - 1; l >= 0; l--) {
-        const float *xl = w.store + (size_t)l * T * D;
-        if (l != L - 1) layer_forward(&f, &w, l, xl, w.x);
-        layer_backward(&f, &lg, &w, l, xl, w.dres);
-    }
-    for (size_t j = 0; j < lo->n_params; j++) {
-        if (!isfinite(w.lgrad[j])) {
-            free(w.mem);
-            return pf_fail(st, PF_ENONFINITE,
-                           "non-finite LoRA gradient (parameter %zu); gradients left unchanged", j);
-        }
-    }
-    for (size_t j = 0; j < lo->n_params; j++) lo->grads[j] += w.lgrad[j];
-    free(w.mem);
+    objective_ctx x = {ref, obj, weight, out};
+    return forward_backward(m, tokens, n_tokens, seg, P, dropout_seed, objective_coef, &x,
+                            out->logp, out->n, st);
+}
+
+static int given_coef(void *ctx, const double *logp, const int32_t *n, int P, double *dL,
+                      pf_status *st) {
+    memcpy(dL, ctx, sizeof(double) * 2 * (size_t)P);
     return PF_OK;
+}
+
+int pf_model_logp_backward(pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg,
+                           int P, const double *coef, uint64_t dropout_seed, double *logp,
+                           int32_t *n, pf_status *st) {
+    if (pf_batch_check(m, tokens, n_tokens, seg, P, st)) return st->code;
+    if (m->lora.rank <= 0)
+        return pf_fail(st, PF_EINVAL, "logp_backward needs an adapter: call lora_init first");
+    for (int j = 0; j < 2 * P; j++)
+        if (!isfinite(coef[j])) return pf_fail(st, PF_EINVAL, "coef[%d] is not finite", j);
+    return forward_backward(m, tokens, n_tokens, seg, P, dropout_seed, given_coef, (void *)coef,
+                            logp, n, st);
 }
 
 /* ------------------------------------------------------------------------ */

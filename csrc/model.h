@@ -122,6 +122,13 @@ int pf_model_train_step(pf_model *m, const int32_t *tokens, size_t n_tokens, con
                         int P, const double *ref, const pf_objective *obj, double weight,
                         uint64_t dropout_seed, pf_train_out *out, pf_status *st);
 
+/* Same forward/backward as train_step with given coefficients instead of an
+ * objective: ACCUMULATES d(sum_p coef[p,0]*Lc_p + coef[p,1]*Lr_p)/dLoRA into the
+ * grad arena (any layout, empty completions allowed). logp, n [P,2] written. */
+int pf_model_logp_backward(pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg,
+                           int P, const double *coef, uint64_t dropout_seed, double *logp,
+                           int32_t *n, pf_status *st);
+
 /* Greedy decoding with a KV cache. Writes up to max_new ids into out and their
  * count into n_out; stops after emitting a token in stop[n_stop]. */
 int pf_model_generate(pf_model *m, const int32_t *prompt, size_t n_prompt, int max_new,

@@ -412,6 +412,51 @@ fail:
     return NULL;
 }
 
+static PyObject *Model_logp_backward(PyModel *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"tokens", "segments", "coef", "dropout_seed", NULL};
+    PyObject *tokens, *segments, *coefo;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|K", kwlist, &tokens, &segments, &coefo,
+                                     &seed))
+        return NULL;
+    if (model_enter(self) || need_lora(self, "logp_backward")) return NULL;
+    batch_args b;
+    if (batch_parse(self, tokens, segments, &b)) return NULL;
+    PyObject *logp = NULL, *n = NULL;
+    PyArrayObject *coef = pf_as_array(coefo, NPY_FLOAT64, 2, "coef");
+    if (!coef) goto fail;
+    if (PyArray_DIM(coef, 0) != b.P || PyArray_DIM(coef, 1) != 2) {
+        PyErr_Format(PyExc_ValueError, "coef must have shape (%d, 2)", b.P);
+        goto fail;
+    }
+    logp = new_array(2, b.P, 2, NPY_FLOAT64);
+    n = new_array(2, b.P, 2, NPY_INT32);
+    if (!logp || !n) goto fail;
+    pf_status st = {0};
+    int rc;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pf_model_logp_backward(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg), b.P,
+                                PyArray_DATA(coef), (uint64_t)seed,
+                                PyArray_DATA((PyArrayObject *)logp),
+                                PyArray_DATA((PyArrayObject *)n), &st);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (rc) {
+        pf_status_to_exc(&st);
+        goto fail;
+    }
+    batch_release(&b);
+    Py_DECREF(coef);
+    return Py_BuildValue("{s:N,s:N}", "logp", logp, "n", n);
+fail:
+    batch_release(&b);
+    Py_XDECREF(coef);
+    Py_XDECREF(logp);
+    Py_XDECREF(n);
+    return NULL;
+}
+
 static PyObject *Model_activation_bytes(PyModel *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"segments", "train", NULL};
     PyObject *segments;
@@ -829,6 +874,11 @@ static PyMethodDef Model_methods[] = {
      METH_VARARGS | METH_KEYWORDS,
      "_completion_logits(tokens, segments, use_lora=True) -> float32 [n_completion, V] (test "
      "helper: the logits at the positions that predict completion tokens)."},
+    {"logp_backward", (PyCFunction)(void (*)(void))Model_logp_backward,
+     METH_VARARGS | METH_KEYWORDS,
+     "logp_backward(tokens, segments, coef [P,2] float64, dropout_seed=0) -> {logp, n}; "
+     "accumulates d(sum coef * completion logp sums)/d(LoRA params) into the grads (any "
+     "packed layout, empty completions allowed)."},
     {"activation_bytes", (PyCFunction)(void (*)(void))Model_activation_bytes,
      METH_VARARGS | METH_KEYWORDS,
      "activation_bytes(segments, train=True) -> bytes of the work arena a call allocates."},

@@ -154,27 +154,48 @@ def test_rslora_and_subset_targets_match_peft():
     assert_grads_close(m.lora_state("grads"), {k: p.grad.numpy() for k, p in params.items()}, 1e-4)
 
 
-def test_shared_and_unshared_layouts_same_grads():
-    """Packing and prefix sharing do not change the gradient: the same pairs in a
-    different order and packing (one micro-batch vs one pair per call) give the
-    same accumulated gradients; the unshared reference is peft above."""
+@pytest.mark.parametrize("dropout_seed", [0, 77])
+def test_shared_and_unshared_layouts_same_grads(dropout_seed):
+    """DPO grads of 4 prefix-shared pairs (train_step) equal the grads of the same
+    objective with every prompt+completion packed as its own sequence (rejected_len 0),
+    back-propagated with logp_backward and the DPO coefficients dLoss/dLc, dLoss/dLr.
+    (Dropout masks depend on token rows, so the dropout case only compares
+    train_step with logp_backward on the same layout.)"""
     hf = tm.make_model("llama", seed=13)
     m = tm.to_prefopt(hf)
-    m.lora_init(4, 4.0, "all-linear", seed=2)
+    m.lora_init(4, 4.0, "all-linear", dropout=0.1 if dropout_seed else 0.0, seed=2)
     rng = np.random.default_rng(9)
     with_random_B(m, rng)
     pairs = tm.random_pairs(rng, 4, 97)
-    ref = rng.standard_normal((4, 2)) - 20
-    obj = {"kind": "dpo", "beta": 0.3}
+    tok, seg = tm.pack(pairs)
+    ref = m.score(tok, seg, use_lora=False)["logp"] + rng.standard_normal((4, 2))
+    beta, weight = 0.3, 0.25
     m.zero_grad()
-    m.train_step(*tm.pack(pairs), ref, obj, 1.0)
-    packed = m.lora_state("grads")
+    out = m.train_step(tok, seg, ref, {"kind": "dpo", "beta": beta}, weight, dropout_seed)
+    shared = m.lora_state("grads")
+    z = beta * ((out["logp"][:, 0] - ref[:, 0]) - (out["logp"][:, 1] - ref[:, 1]))
+    s = 1.0 / (1.0 + np.exp(z))  # sigmoid(-z)
+    coef = weight * np.stack([-beta * s, beta * s], 1)
+    # same layout through logp_backward: identical up to float32 rounding of the coefficients
+    m.zero_grad()
+    lb = m.logp_backward(tok, seg, coef, dropout_seed)
+    np.testing.assert_array_equal(lb["logp"], out["logp"])
+    assert_grads_close(m.lora_state("grads"), shared, 1e-6)
+    if dropout_seed:
+        return
+    # unshared: (prompt, chosen) and (prompt, rejected) as separate sequences
+    utok, useg = tm.pack_unshared(pairs)
+    ucoef = np.zeros((8, 2))
+    ucoef[0::2, 0], ucoef[1::2, 0] = coef[:, 0], coef[:, 1]
+    m.zero_grad()
+    ulb = m.logp_backward(utok, useg, ucoef)
+    np.testing.assert_allclose(ulb["logp"][:, 0].reshape(4, 2), out["logp"], atol=1e-4)
+    assert_grads_close(m.lora_state("grads"), shared, 1e-4)
+    # packing order does not matter either: one pair per call, shuffled
     m.zero_grad()
     for i in [2, 0, 3, 1]:
-        m.train_step(*tm.pack([pairs[i]]), ref[i:i + 1], obj, 1.0)
-    single = m.lora_state("grads")
-    for k in packed:
-        np.testing.assert_allclose(single[k], packed[k], rtol=1e-4, atol=1e-6 * np.abs(packed[k]).max())
+        m.train_step(*tm.pack([pairs[i]]), ref[i:i + 1], {"kind": "dpo", "beta": beta}, weight)
+    assert_grads_close(m.lora_state("grads"), shared, 1e-4)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
