@@ -47,3 +47,5 @@ def show_config(file=None) -> dict:
     return info
 
 from .models import load  # noqa: E402
+from .train import TrainConfig  # noqa: E402
+from .experiment import ablate  # noqa: E402
