@@ -8,22 +8,36 @@
  * rejected tokens the prompt and earlier rejected tokens; positions of both
  * completions continue from the prompt.
  *
- * Activation memory of train_step, in floats, for T packed tokens, n scored
- * completion tokens, L layers, widths D (hidden), F (MLP), Q = H*hd, K = KVH*hd,
- * LoRA rank r on nt targets, M = max(D, F, Q), S = max over pairs of
- * max((lp+lc)^2, lr*(lp+lr)), chunk c = head chunk (<= 64) and vocab V:
+ * Activation memory of train_step, in floats (4 bytes), for T packed tokens,
+ * n scored completion tokens, L layers, widths D (hidden), F (MLP), Q = H*hd,
+ * K = KVH*hd, LoRA rank r on nt targets, M = max(D, F, Q), S = max over pairs
+ * of max((lp+lc)^2, lr*(lp+lr)), head chunk c = 64 positions, vocab V:
  *
  *   (L+1)*T*D                          residual-stream input of every layer (stored)
- * + T*(6D + 4Q + 4K + 6F + H + 3)      one layer's activations and their gradients
- * + T*r*(nt + 1) + T*M                 LoRA x A^T per target, backward tmp, dropout scratch
- * + 2*S                                attention scores / their gradient, one block at a time
+ * + T*(7D + 4Q + 4K + 6F + H + 4)      one layer's activations + their gradients,
+ *                                      final norm, positions
+ * + T*r*(nt + 1) [+ T*M with dropout]  LoRA x A^T per target, backward tmp, dropout scratch
+ * + 2*S                                attention probabilities / their gradient, one
+ *                                      (pair, block, head) at a time
  * + c*(D + V)                          head logits, one chunk at a time
- * + n_lora_params                      this step's LoRA gradients (added to the arena if finite)
+ * + 5n                                 scoring index, per-token log-probs and their grads
+ * + n_lora_params                      this step's LoRA gradients (added to the arena
+ *                                      only if all finite)
  *
- * i.e. layers are recomputed in backward from their stored inputs (one extra
- * layer forward per layer except the last); nothing of size T*V or L*T*F is
- * kept. pf_model_work_floats() returns the exact figure. score() needs the
- * same without the (L+1)*T*D store and the gradient buffers. */
+ * + (k-1)*(T*(3D + 2Q + 2K + 3F + H + 2) + T*r*nt)
+ *                                      activations of the k top layers kept for backward
+ *
+ * k = as many layers as fit in pf_model.act_budget (Model.activation_budget,
+ * default 512 MiB), at least 1 (the top layer's activations are in place when
+ * backward starts). The other L-k layers are recomputed in backward from their
+ * stored inputs (one extra layer forward each). Nothing of size T*V is kept.
+ * The example below is k = 1 (budget 0).
+ * Example: SmolLM2-135M (L=30, D=576, F=1536, Q=576, K=192, H=9, V=49152),
+ * 8 pairs of 100+60+60 tokens (T=1760, n=960), r=16 on all 7 targets:
+ * 31*T*D = 31.4M + T*16333 = 28.7M + T*128 = 0.23M + 2*25600 + 3.2M + 4.8k + 4.9M
+ * = about 68.5M floats = 274 MB. score() needs neither the (L+1)*T*D store
+ * nor the gradient buffers: T*(5D + 2Q + 2K + 3F + H + 4) + T*r*nt + S + c*(D+V) + 4n.
+ * pf_model_work_floats() returns the exact figure (plus 64-byte alignment per buffer). */
 #ifndef PF_MODEL_H
 #define PF_MODEL_H
 #include <stddef.h>
@@ -32,6 +46,8 @@
 #include "common.h"
 #include "lora.h"
 #include "loss.h"
+
+#define PF_DEFAULT_ACT_BUDGET ((size_t)512 << 20) /* bytes, see pf_model.act_budget */
 
 typedef struct {
     int vocab, dim, ffn, n_layers, n_heads, n_kv_heads, head_dim;
@@ -60,6 +76,9 @@ typedef struct {
     pf_layer_weights *layers; /* [n_layers] */
     pf_lora lora;        /* rank 0: no adapter */
     long adam_step;
+    size_t act_budget;   /* train_step keeps the activations of as many top layers as fit
+                            in this many bytes of work arena (at least 1); the rest are
+                            recomputed in backward. 0: recompute all but the top layer. */
 } pf_model;
 
 /* Validates the config and allocates the (zeroed) weight arena. */
@@ -90,6 +109,13 @@ size_t pf_model_work_floats(const pf_model *m, const int32_t *seg, int P, size_t
 int pf_model_score(pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg, int P,
                    int use_lora, double *logp, int32_t *n, float *per_token, pf_status *st);
 
+/* Test helper: the full logits [n_completion, V] at the positions that predict
+ * completion tokens (same order as score's per_token). Holds n*V floats: for
+ * tests and small batches only. */
+int pf_model_completion_logits(pf_model *m, const int32_t *tokens, size_t n_tokens,
+                               const int32_t *seg, int P, int use_lora, float *logits,
+                               pf_status *st);
+
 typedef struct {
     double *logp;   /* [P,2] */
     int32_t *n;     /* [P,2] */
@@ -106,6 +132,13 @@ typedef struct {
 int pf_model_train_step(pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg,
                         int P, const double *ref, const pf_objective *obj, double weight,
                         uint64_t dropout_seed, pf_train_out *out, pf_status *st);
+
+/* Same forward/backward as train_step with given coefficients instead of an
+ * objective: ACCUMULATES d(sum_p coef[p,0]*Lc_p + coef[p,1]*Lr_p)/dLoRA into the
+ * grad arena (any layout, empty completions allowed). logp, n [P,2] written. */
+int pf_model_logp_backward(pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg,
+                           int P, const double *coef, uint64_t dropout_seed, double *logp,
+                           int32_t *n, pf_status *st);
 
 /* Greedy decoding with a KV cache. Writes up to max_new ids into out and their
  * count into n_out; stops after emitting a token in stop[n_stop]. */

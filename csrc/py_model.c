@@ -45,6 +45,17 @@ static int model_enter(PyModel *self) {
     return 0;
 }
 
+/* Marks the model busy right before the GIL is released (no Python call in
+ * between), so a second thread cannot start a call on the same model. */
+static int model_claim(PyModel *self) {
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Model is in use by another thread");
+        return -1;
+    }
+    self->busy = 1;
+    return 0;
+}
+
 static int need_lora(PyModel *self, const char *what) {
     if (self->m.lora.rank <= 0) {
         PyErr_Format(PyExc_ValueError, "%s needs an adapter: call lora_init first", what);
@@ -290,7 +301,7 @@ static PyObject *Model_score(PyModel *self, PyObject *args, PyObject *kwds) {
     if (!logp || !n || (per_token && !pt)) goto fail;
     pf_status st = {0};
     int rc;
-    self->busy = 1;
+    if (model_claim(self)) goto fail;
     Py_BEGIN_ALLOW_THREADS
     rc = pf_model_score(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg), b.P,
                         use_lora, PyArray_DATA((PyArrayObject *)logp),
@@ -312,6 +323,47 @@ fail:
     Py_XDECREF(n);
     Py_XDECREF(pt);
     return NULL;
+}
+
+/* test helper: full logits at the completion-predicting positions */
+static PyObject *Model_completion_logits(PyModel *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"tokens", "segments", "use_lora", NULL};
+    PyObject *tokens, *segments;
+    int use_lora = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OO|p", kwlist, &tokens, &segments, &use_lora))
+        return NULL;
+    if (model_enter(self)) return NULL;
+    batch_args b;
+    if (batch_parse(self, tokens, segments, &b)) return NULL;
+    size_t nc = pf_batch_n_completion(PyArray_DATA(b.seg), b.P);
+    if (nc * (size_t)self->m.c.vocab > ((size_t)1 << 28)) {
+        batch_release(&b);
+        PyErr_SetString(PyExc_ValueError, "_completion_logits is a test helper: batch too large");
+        return NULL;
+    }
+    PyObject *lg = new_array(2, (npy_intp)nc, self->m.c.vocab, NPY_FLOAT32);
+    if (!lg) {
+        batch_release(&b);
+        return NULL;
+    }
+    pf_status st = {0};
+    int rc;
+    if (model_claim(self)) {
+        batch_release(&b);
+        Py_DECREF(lg);
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    rc = pf_model_completion_logits(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg),
+                                    b.P, use_lora, PyArray_DATA((PyArrayObject *)lg), &st);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    batch_release(&b);
+    if (rc) {
+        Py_DECREF(lg);
+        return pf_status_to_exc(&st);
+    }
+    return lg;
 }
 
 static PyObject *Model_train_step(PyModel *self, PyObject *args, PyObject *kwds) {
@@ -354,7 +406,7 @@ static PyObject *Model_train_step(PyModel *self, PyObject *args, PyObject *kwds)
 #undef D_
     pf_status st = {0};
     int rc;
-    self->busy = 1;
+    if (model_claim(self)) goto fail;
     Py_BEGIN_ALLOW_THREADS
     rc = pf_model_train_step(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg), b.P,
                              PyArray_DATA(ref), &obj, weight, (uint64_t)seed, &out, &st);
@@ -372,6 +424,51 @@ fail:
     batch_release(&b);
     Py_XDECREF(ref);
     for (int i = 0; i < 7; i++) Py_XDECREF(o[i]);
+    return NULL;
+}
+
+static PyObject *Model_logp_backward(PyModel *self, PyObject *args, PyObject *kwds) {
+    static char *kwlist[] = {"tokens", "segments", "coef", "dropout_seed", NULL};
+    PyObject *tokens, *segments, *coefo;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "OOO|K", kwlist, &tokens, &segments, &coefo,
+                                     &seed))
+        return NULL;
+    if (model_enter(self) || need_lora(self, "logp_backward")) return NULL;
+    batch_args b;
+    if (batch_parse(self, tokens, segments, &b)) return NULL;
+    PyObject *logp = NULL, *n = NULL;
+    PyArrayObject *coef = pf_as_array(coefo, NPY_FLOAT64, 2, "coef");
+    if (!coef) goto fail;
+    if (PyArray_DIM(coef, 0) != b.P || PyArray_DIM(coef, 1) != 2) {
+        PyErr_Format(PyExc_ValueError, "coef must have shape (%d, 2)", b.P);
+        goto fail;
+    }
+    logp = new_array(2, b.P, 2, NPY_FLOAT64);
+    n = new_array(2, b.P, 2, NPY_INT32);
+    if (!logp || !n) goto fail;
+    pf_status st = {0};
+    int rc;
+    if (model_claim(self)) goto fail;
+    Py_BEGIN_ALLOW_THREADS
+    rc = pf_model_logp_backward(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg), b.P,
+                                PyArray_DATA(coef), (uint64_t)seed,
+                                PyArray_DATA((PyArrayObject *)logp),
+                                PyArray_DATA((PyArrayObject *)n), &st);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (rc) {
+        pf_status_to_exc(&st);
+        goto fail;
+    }
+    batch_release(&b);
+    Py_DECREF(coef);
+    return Py_BuildValue("{s:N,s:N}", "logp", logp, "n", n);
+fail:
+    batch_release(&b);
+    Py_XDECREF(coef);
+    Py_XDECREF(logp);
+    Py_XDECREF(n);
     return NULL;
 }
 
@@ -558,6 +655,8 @@ fail:
     return NULL;
 }
 
+static PyObject *lora_load_state_impl(PyModel *self, PyObject *state, const char *arena);
+
 static PyObject *Model_lora_load_state(PyModel *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"state", "arena", NULL};
     PyObject *state;
@@ -565,6 +664,15 @@ static PyObject *Model_lora_load_state(PyModel *self, PyObject *args, PyObject *
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!|s", kwlist, &PyDict_Type, &state, &arena))
         return NULL;
     if (model_enter(self) || need_lora(self, "lora_load_state")) return NULL;
+    /* busy for the whole call: array conversions may run Python code (and let
+     * another thread in) between validation and the copy */
+    if (model_claim(self)) return NULL;
+    PyObject *r = lora_load_state_impl(self, state, arena);
+    self->busy = 0;
+    return r;
+}
+
+static PyObject *lora_load_state_impl(PyModel *self, PyObject *state, const char *arena) {
     pf_lora *l = &self->m.lora;
     float *base = arena_by_name(l, arena);
     if (!base) return NULL;
@@ -657,7 +765,7 @@ static PyObject *Model_optimizer_step(PyModel *self, PyObject *args, PyObject *k
     }
     double norm;
     int finite;
-    self->busy = 1;
+    if (model_claim(self)) return NULL;
     Py_BEGIN_ALLOW_THREADS
     norm = sqrt(pf_sumsq(l->grads, l->n_params));
     finite = isfinite(norm);
@@ -697,6 +805,29 @@ static int Model_set_adam_step(PyModel *self, PyObject *v, void *closure) {
         return -1;
     }
     self->m.adam_step = s;
+    return 0;
+}
+
+static PyObject *Model_get_budget(PyModel *self, void *closure) {
+    return PyLong_FromSize_t(self->m.act_budget);
+}
+
+static int Model_set_budget(PyModel *self, PyObject *v, void *closure) {
+    if (!v) {
+        PyErr_SetString(PyExc_TypeError, "cannot delete activation_budget");
+        return -1;
+    }
+    long long b = PyLong_AsLongLong(v);
+    if (b == -1 && PyErr_Occurred()) return -1;
+    if (b < 0) {
+        PyErr_SetString(PyExc_ValueError, "activation_budget must be >= 0 bytes");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Model is in use by another thread");
+        return -1;
+    }
+    self->m.act_budget = (size_t)b;
     return 0;
 }
 
@@ -755,7 +886,10 @@ static PyObject *Model_generate(PyModel *self, PyObject *args, PyObject *kwds) {
     if (!res) goto fail;
     pf_status st = {0};
     int rc, n_out = 0;
-    self->busy = 1;
+    if (model_claim(self)) {
+        Py_DECREF(res);
+        goto fail;
+    }
     Py_BEGIN_ALLOW_THREADS
     rc = pf_model_generate(&self->m, PyArray_DATA(pa), (size_t)PyArray_DIM(pa, 0), max_new, stop,
                            n_stop, use_lora, PyArray_DATA((PyArrayObject *)res), &n_out, &st);
@@ -788,6 +922,15 @@ static PyMethodDef Model_methods[] = {
     {"train_step", (PyCFunction)(void (*)(void))Model_train_step, METH_VARARGS | METH_KEYWORDS,
      "train_step(tokens, segments, ref, objective, weight=1.0, dropout_seed=0) -> per-pair "
      "numbers; accumulates weight * d(sum of pair losses)/d(LoRA params) into the grads."},
+    {"_completion_logits", (PyCFunction)(void (*)(void))Model_completion_logits,
+     METH_VARARGS | METH_KEYWORDS,
+     "_completion_logits(tokens, segments, use_lora=True) -> float32 [n_completion, V] (test "
+     "helper: the logits at the positions that predict completion tokens)."},
+    {"logp_backward", (PyCFunction)(void (*)(void))Model_logp_backward,
+     METH_VARARGS | METH_KEYWORDS,
+     "logp_backward(tokens, segments, coef [P,2] float64, dropout_seed=0) -> {logp, n}; "
+     "accumulates d(sum coef * completion logp sums)/d(LoRA params) into the grads (any "
+     "packed layout, empty completions allowed)."},
     {"activation_bytes", (PyCFunction)(void (*)(void))Model_activation_bytes,
      METH_VARARGS | METH_KEYWORDS,
      "activation_bytes(segments, train=True) -> bytes of the work arena a call allocates."},
@@ -819,6 +962,9 @@ static PyGetSetDef Model_getset[] = {
     {"adam_step", (getter)Model_get_adam_step, (setter)Model_set_adam_step,
      "AdamW updates made so far (bias-correction step counter).", NULL},
     {"config", (getter)Model_get_config, NULL, "The model config as a dict.", NULL},
+    {"activation_budget", (getter)Model_get_budget, (setter)Model_set_budget,
+     "Bytes of work arena train_step may use to keep layer activations for backward instead "
+     "of recomputing them (default 512 MiB; 0 = recompute all but the top layer).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -7,7 +7,14 @@ experiments and decides between objectives.
 from . import _blas
 
 _blas.preload()
-from . import _core  # noqa: E402
+try:
+    from . import _core  # noqa: E402
+except ImportError as exc:  # pragma: no cover - depends on how prefopt was installed
+    raise ImportError(
+        "prefopt's C extension prefopt._core is not built in "
+        f"{__path__[0]}. Install with `pip install -e .` (builds it in place) or "
+        "`pip install .` and run Python outside the source directory."
+    ) from exc
 
 __version__ = "0.1.0"
 
@@ -40,3 +47,5 @@ def show_config(file=None) -> dict:
     return info
 
 from .models import load  # noqa: E402
+from .train import TrainConfig  # noqa: E402
+from .experiment import ablate  # noqa: E402

@@ -88,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hh-to-chat", action="store_true",
                    help="turn Anthropic-HH text pairs into chat messages (for instruct models)")
     g.add_argument("--limit", type=int, default=None, help="use only the first N valid pairs")
+    g.add_argument("--skip-invalid", action="store_true",
+                   help="skip malformed records (counted and listed) instead of stopping")
     g.add_argument("--heldout", type=_heldout, default=None,
                    help="held-out count or fraction (seeded split, ignores a split field); "
                         "default: the data's split field, else 20%%")
@@ -197,7 +199,11 @@ def cmd_ablate(args) -> int:
     if not data_path.exists():
         raise SystemExit(f"data file not found: {data_path}")
     t0 = time.time()
-    pairs = pdata.load_pairs(data_path, hh_to_chat=args.hh_to_chat, limit=args.limit)
+    pairs = pdata.load_pairs(data_path, hh_to_chat=args.hh_to_chat, limit=args.limit,
+                             skip_invalid=args.skip_invalid)
+    if pairs.skipped:
+        print(f"prefopt: skipped {len(pairs.skipped)} malformed records, e.g. "
+              f"{pairs.skipped[0][0]}: {pairs.skipped[0][1]}", flush=True)
     print(f"prefopt: {len(pairs)} pairs from {data_path}; model {args.model}; "
           f"{threads} thread(s)", flush=True)
     from . import models

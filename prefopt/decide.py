@@ -154,7 +154,8 @@ class Comparison:
         lines.append(
             f"  - statistics: exact McNemar p = {self.p_value:.3g} on "
             f"{_plural(self.x_only + self.y_only, 'discordant pair')} ({self.x_label} alone right "
-            f"on {self.x_only}, {self.y_label} alone on {self.y_only}): {strength_words(self.p_value)}; accuracy {c}% Wilson intervals "
+            f"on {self.x_only}, {self.y_label} alone on {self.y_only}): "
+            f"{strength_words(self.p_value)}; accuracy {c}% Wilson intervals "
             f"{self.x_label} [{_pct(self.x_acc_ci[0])}, {_pct(self.x_acc_ci[1])}], {self.y_label} "
             f"[{_pct(self.y_acc_ci[0])}, {_pct(self.y_acc_ci[1])}]; margin difference "
             f"{self.x_label} - {self.y_label} {self.x_margin - self.y_margin:+.4g}, {c}% bootstrap "
@@ -489,6 +490,9 @@ def _verdict_text(metric, n, outcome, best, best_rank, comparisons, across, lowe
     elif best is not None:
         head = (f"Hint only: {best} looks better" + (f" (rank {best_rank})" if best_rank else "")
                 + ", but the rule's conditions for a decision are not all met.")
+    elif len({r.objective.lower() for r in runs}) == 1:
+        head = (f"Only one objective ({display(runs[0].objective)}): nothing to decide between "
+                "objectives; see the lower-rank preference below.")
     else:
         head = "No evidence: no objective is better than the others on the held-out pairs."
     lines = [head, "",

@@ -188,27 +188,35 @@ def _stop_ids(tokenizer) -> list[int]:
     return ids
 
 
-def evaluate(model, pairs, *, objective: dict | None = None, reference=None, batch_size: int = 8,
-             scorer: Callable | None = None, tokenizer=None, max_new_tokens: int = 128,
-             stop_ids=None, use_lora: bool = True, cache_dir=None):
-    """Evaluates ``model`` (a loaded model or a ``prefopt._core.Model``) on held-out ``pairs``.
+def evaluate(model, pairs, *, config=None, objective: dict | None = None, reference=None,
+             batch_size: int | None = None, scorer: Callable | None = None, tokenizer=None,
+             max_new_tokens: int = 128, stop_ids=None, use_lora: bool = True, cache_dir=None):
+    """Evaluates ``model`` (a loaded model or a ``prefopt._core.Model``) on held-out ``pairs``
+    (text records, tokenised with the model's tokenizer, or tokenised pairs).
 
+    ``config``: a TrainConfig giving the max lengths, the batch size and -- for the ``eval_*``
+    TRL metrics -- the objective (default: TrainConfig() lengths, no objective metrics).
+    ``objective``: a core objective dict, overriding the config's.
     ``reference``: float64 [P, 2] reference sums (Rc, Rr); computed with adapters off (and
-    cached) when None. ``objective``: the run's core objective dict (see
-    ``TrainConfig.objective_dict``); gives the ``eval_*`` TRL metrics. ``use_lora=False``
-    evaluates the base model (the baseline). Returns a ``prefopt.results.EvalResult``."""
+    cached) when None. ``use_lora=False`` evaluates the base model (the baseline).
+    Returns a ``prefopt.results.EvalResult``."""
+    from .train import TrainConfig, prepare_pairs
+
+    cfg = config if config is not None else TrainConfig()
+    if objective is None and config is not None:
+        objective = cfg.objective_dict()
+    bs = int(batch_size or cfg.eval_batch_size)
     core = batching.core_of(model)
-    tps = batching.as_token_pairs(pairs)
-    if not tps:
-        raise ValueError("evaluate needs at least one held-out pair")
+    tps, _dropped = prepare_pairs(model, pairs, cfg, "held-out")
     if reference is None:
-        reference, _, _ = batching.reference_logps(core, tps, cache_dir=cache_dir,
-                                                   batch_size=batch_size, use_lora=False,
+        reference, _, _ = batching.reference_logps(core, tps, cache_dir=cache_dir, batch_size=bs,
+                                                   use_lora=False,
+                                                   key_extra=(cfg.max_length, cfg.max_prompt_length),
                                                    vocab_size=_vocab(model))
     reference = np.asarray(reference, dtype=np.float64)
     if reference.shape != (len(tps), 2):
         raise ValueError(f"reference must have shape ({len(tps)}, 2), got {reference.shape}")
-    logp, n = batching.score_pairs(core, tps, batch_size, use_lora=use_lora)
+    logp, n = batching.score_pairs(core, tps, bs, use_lora=use_lora)
     scores = None
     if scorer is not None:
         tok = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)

@@ -278,7 +278,6 @@ def ablate(model, pairs, objectives: Sequence[str] = ("dpo", "simpo"),
 
     identity = _model_identity(model)
     fixed_common = dict(identity,
-                        data=data_label,
                         data_hash=batching.data_hash(train_tps, batching.data_hash(held_tps))[:16],
                         heldout_ids=sorted(t.id for t in held_tps),
                         train_pairs=len(train_tps), dropped_pairs=dropped_tr + dropped_he,
@@ -300,7 +299,7 @@ def ablate(model, pairs, objectives: Sequence[str] = ("dpo", "simpo"),
         fixed = dict(c.fixed_settings(), **fixed_common)
         r = train(model, train_tps, held_tps, c, out / name, name=name, progress=progress,
                   resume=resume, overwrite=fresh, scorer=scorer, baseline=baseline,
-                  extra_settings={"fixed": fixed})
+                  extra_settings={"fixed": fixed, "data": data_label})
         timings[name + "_s"] = time.time() - t1
         if "wall_time_s" not in r.settings:
             r.settings["wall_time_s"] = round(time.time() - t1, 2)

@@ -72,11 +72,14 @@ class PretrainedModel:
         if self._tokenizer is None:
             try:
                 from . import tokenize as tk
-                build = tk.tokenizer_from_gguf if self.format == "gguf" else tk.tokenizer_from_hf_dir
+                from_gguf, from_hf_dir = tk.tokenizer_from_gguf, tk.tokenizer_from_hf_dir
             except (ImportError, AttributeError) as e:
                 raise RuntimeError(f"prefopt.tokenize does not provide the tokenizer builders yet "
                                    f"(tokenizer_from_gguf / tokenizer_from_hf_dir): {e}") from None
-            self._tokenizer = build(self.gguf_metadata if self.format == "gguf" else self.source)
+            if self.format == "gguf":
+                self._tokenizer = from_gguf(self.gguf_metadata, source=self.source)
+            else:
+                self._tokenizer = from_hf_dir(self.source)
         return self._tokenizer
 
     @property

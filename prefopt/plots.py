@@ -60,6 +60,19 @@ def _series(entries, key):
     return xs, ys
 
 
+def _plot_train(ax, x, y, colour, label):
+    """Raw per-step values, plus a centred running mean when there are many noisy steps."""
+    if len(y) < 12:
+        ax.plot(x, y, color=colour, lw=1.5, label=label)
+        return
+    import numpy as np
+    w = max(3, len(y) // 10) | 1  # odd window
+    yp = np.pad(np.asarray(y, dtype=float), w // 2, mode="edge")
+    smooth = np.convolve(yp, np.ones(w) / w, mode="valid")
+    ax.plot(x, y, color=colour, lw=0.8, alpha=0.35)
+    ax.plot(x, smooth, color=colour, lw=1.8, label=f"{label} (running mean of {w})")
+
+
 def _save(fig, path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,7 +97,7 @@ def plot_margins(runs: Sequence[RunResult], path) -> Path:
     for ax, run in zip(axes, runs):
         train, evals = split_log(run.log)
         x, y = _series(train, "rewards/margins")
-        ax.plot(x, y, color="tab:blue", lw=1.5, label="train rewards/margins")
+        _plot_train(ax, x, y, "tab:blue", "train rewards/margins")
         x, y = _series(evals, "eval_rewards/margins")
         ax.plot(x, y, color="tab:red", lw=1.5, marker="o", label="held-out eval_rewards/margins")
         ax.axhline(0.0, color="0.6", lw=0.8)
@@ -108,7 +121,7 @@ def plot_rewards(runs: Sequence[RunResult], path) -> Path:
         for key, colour, name in (("rewards/chosen", "tab:green", "chosen"),
                                   ("rewards/rejected", "tab:purple", "rejected")):
             x, y = _series(train, key)
-            ax.plot(x, y, color=colour, lw=1.5, label=f"train {name}")
+            _plot_train(ax, x, y, colour, f"train {name}")
             x, y = _series(evals, "eval_" + key)
             if x:
                 ax.plot(x, y, color=colour, lw=1.2, ls="--", marker="o", ms=3,

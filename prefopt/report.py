@@ -185,9 +185,10 @@ def write_report(runs: Sequence[RunResult], out_dir, verdict: Optional[Verdict] 
           f"{n} held-out pairs; one pair is {100.0 / n:.3g} accuracy points. `avg`: Lc/nc > Lr/nr "
           "(mean log-prob per completion token); `ref`: (Lc-Rc) > (Lr-Rr) (DPO's implicit "
           f"reward; 0% for the base model by construction). Lift is by `{metric}`.", ""]
+    scored = any("heldout_score" in r for r in rows)
     header = ["run", "objective", "rank", "train margin (late)", "held-out avg acc",
               "held-out ref acc", "avg margin", "ref margin", f"base {metric} acc",
-              "lift (pairs / points)", "flags"]
+              "lift (pairs / points)"] + (["scorer mean"] if scored else []) + ["flags"]
     body = []
     for r in rows:
         lift = ("-" if r["lift_pairs"] is None
@@ -195,7 +196,9 @@ def write_report(runs: Sequence[RunResult], out_dir, verdict: Optional[Verdict] 
         body.append([_fmt(r["run"]), r["objective"], str(r["rank"]), _fmt(r["train_margin_late"]),
                      _fmt(r["heldout_avg_acc"], True), _fmt(r["heldout_ref_acc"], True),
                      _fmt(r["heldout_avg_margin"]), _fmt(r["heldout_ref_margin"]),
-                     _fmt(r[f"baseline_{metric}_acc"], True), lift, _fmt(r["flags"]) or "-"])
+                     _fmt(r[f"baseline_{metric}_acc"], True), lift]
+                    + ([_fmt(r.get("heldout_score"))] if scored else [])
+                    + [_fmt(r["flags"]) or "-"])
     L += [_md_table(header, body), ""]
 
     slices = sorted({s for r in runs if r.heldout is not None for s in r.heldout.slices()})

@@ -17,8 +17,9 @@ rose, ``WEAK_SIGNAL`` when it did not, and ``INFLATION`` when it rose but held-o
 flat.
 
 Accepted sources: a RunResult, a list of log entries (prefopt's JSONL entries or TRL's
-``log_history``), a ``trainer_state.json`` dict, or a path to a ``.jsonl`` log or a
-``trainer_state.json`` file.
+``log_history``), a ``trainer_state.json`` dict, or a path to a ``.jsonl`` log, a run's
+``result.json`` or a ``trainer_state.json`` file. From the shell:
+``python -m prefopt.review path/to/trainer_state.json``.
 """
 from __future__ import annotations
 
@@ -97,16 +98,21 @@ def _entries_from(source) -> Tuple[List[Dict[str, Any]], Optional[RunResult], Op
         if not path.exists():
             raise FileNotFoundError(f"log not found: {path}")
         if path.suffix == ".jsonl":
-            return read_jsonl_log(path), None, path.stem
+            hint = path.parent.name if path.stem in ("log", "train", "logs") else path.stem
+            return read_jsonl_log(path), None, hint or path.stem
         try:
             data = json.loads(path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not valid JSON ({e})") from None
         if isinstance(data, dict) and "log_history" in data:
             return list(data["log_history"]), None, path.parent.name or path.stem
+        if isinstance(data, dict) and {"name", "objective", "rank", "log"} <= set(data):
+            run = RunResult.from_dict(data)  # a run's result.json
+            return run.log, run, run.name
         if isinstance(data, list):
             return data, None, path.stem
-        raise ValueError(f"{path}: expected a trainer_state.json (with 'log_history') or a list of entries")
+        raise ValueError(f"{path}: expected a trainer_state.json (with 'log_history'), a run's "
+                         "result.json or a list of log entries")
     raise TypeError(f"cannot review a {type(source).__name__}: pass a RunResult, a list of log "
                     "entries, a trainer_state.json dict or a path")
 
@@ -274,3 +280,21 @@ def _heldout_from_eval_log(r: Review, evals, flat_frac):
         if r.heldout_flat:
             r.notes.append(f"held-out margin gain {gain:+.4g} is at most {flat_frac:g} x the "
                            f"train margin gain {r.train_gain:+.4g}: held-out is flat")
+
+
+def main(argv=None) -> int:
+    """``python -m prefopt.review LOG...``: print the review of each log (a prefopt
+    ``log.jsonl``, a run's ``result.json`` or a TRL ``trainer_state.json``)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m prefopt.review", description=main.__doc__)
+    ap.add_argument("logs", nargs="+", help="log.jsonl, result.json or trainer_state.json")
+    ap.add_argument("--metric", choices=("avg", "ref"), default="avg")
+    args = ap.parse_args(argv)
+    for path in args.logs:
+        print(review(Path(path), metric=args.metric).text)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -27,6 +27,19 @@ FLOAT_DTYPES = ("F32", "F16", "BF16")
 _GGML_OF = {"F32": 0, "F16": 1, "BF16": 30}   # dequantised by the same C code as GGUF
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey(k)
+        d[k] = v
+    return d
+
+
 @dataclass(frozen=True)
 class SafetensorsEntry:
     name: str
@@ -67,9 +80,11 @@ class SafetensorsFile:
             self._fail(f"header length {n} runs past the end of the file ({self.size} bytes)")
         raw = bytes(self._mm[8:8 + n])
         try:
-            header = json.loads(raw.decode("utf-8"))
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             self._fail(f"header is not valid JSON ({e})")
+        except _DuplicateKey as e:
+            self._fail(f"header has duplicate key {e.args[0]!r}")
         if not isinstance(header, dict):
             self._fail(f"header is a JSON {type(header).__name__}, expected an object")
         self.metadata = header.pop("__metadata__", None) or {}

@@ -887,6 +887,8 @@ class _Run:
                 f"(after step {step}) and the log are in {self.out}; lower the learning rate "
                 f"or check the data.") from e
         bar.close()
+        if self.eval and last_ev is None:  # resumed at the very end (result.json was missing)
+            last_ev = self.run_eval()
         # final adapter + result
         with _DeferInterrupt():
             tmp = Path(tempfile.mkdtemp(dir=self.out, prefix=".adapter-"))

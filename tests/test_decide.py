@@ -244,3 +244,10 @@ def test_cautions_metric_disagreement_and_base_model():
     assert any("does not beat the base model" in c for c in v.cautions)
     assert any(INFLATION in c for c in v.cautions)  # train up, held-out below the base model
     assert "Cautions:" in v.text
+
+
+def test_single_objective_two_ranks():
+    v = decide([run("A", "dpo", 16, X6), run("C", "dpo", 8, X6)], n_boot=500)
+    assert v.outcome == NO_EVIDENCE and v.comparisons == []
+    assert v.text.startswith("Only one objective (DPO)")
+    assert len(v.lower_rank) == 1 and v.lower_rank[0].prefer_low

@@ -227,12 +227,18 @@ def test_missing_and_empty_files(tmp_path):
 
 
 def test_real_smollm2_header(smollm2_gguf):
+    """Structure of the real file (its weights are checked against transformers in test_load)."""
     g = GGUFFile(smollm2_gguf)
-    assert g.metadata["general.architecture"] == "llama"
-    assert len(g.tensors) == 272 and len(g.metadata["tokenizer.ggml.tokens"]) == 49152
-    ref = ggufpy.GGUFReader(str(smollm2_gguf))
-    for t in ref.tensors[:12]:
-        np.testing.assert_array_equal(
-            g.tensor(t.name).reshape(-1),
-            np.asarray(ggufpy.quants.dequantize(t.data, t.tensor_type), np.float32).reshape(-1))
+    md = g.metadata
+    assert g.version == 3 and g.alignment == 32 and md["general.architecture"] == "llama"
+    assert len(g.tensors) == 272 and len(md["tokenizer.ggml.tokens"]) == 49152
+    assert len(md["tokenizer.ggml.merges"]) == 48900 and md["tokenizer.ggml.pre"] == "smollm"
+    assert g.value_types["llama.rope.freq_base"] == VT.FLOAT32 and md["llama.rope.freq_base"] == 100000.0
+    types = {}
+    for t in g.tensors.values():
+        types[t.type_name] = types.get(t.type_name, 0) + 1
+    assert types == {"Q4_1": 210, "F32": 61, "Q8_0": 1}
+    assert g.tensors["token_embd.weight"].shape == (49152, 576)
+    end = max(t.offset + t.nbytes for t in g.tensors.values())
+    assert end <= g.size and g.size - end < 32
     g.close()

@@ -243,7 +243,8 @@ def test_load_bad_paths(tmp_path):
 # -- the real model ----------------------------------------------------------------------------
 
 def test_real_smollm2_matches_transformers(smollm2_gguf):
-    m = prefopt.load(smollm2_gguf)
+    m = models.fetch("smollm2-135m-instruct")     # by name: from the cache the fixture filled
+    assert m.source == str(smollm2_gguf) and m.format == "gguf"
     c = m.config
     assert (c["hidden_size"], c["num_hidden_layers"], c["num_attention_heads"],
             c["num_key_value_heads"], c["intermediate_size"], c["vocab_size"]) == (576, 30, 9, 3, 1536, 49152)

@@ -213,3 +213,62 @@ def test_save_validates_state(tmp_path):
     with pytest.raises(ValueError, match="rank"):
         LoraSpec(rank=0, alpha=4)
     assert not (tmp_path / "x").exists()
+
+
+# -- with the C model: same completion log-probs as PEFT on transformers -----------------------
+
+def _tm():
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import tiny_models
+
+    return tiny_models
+
+
+def _peft_logps(pm, pairs, tm):
+    return np.array([[tm.hf_token_logps(pm, p, c).sum(), tm.hf_token_logps(pm, p, r).sum()]
+                     for p, c, r in pairs])
+
+
+def test_prefopt_saved_adapter_gives_same_logps_in_peft(tmp_path):
+    from peft import PeftModel
+
+    tm = _tm()
+    hf = tm.make_model("llama", seed=3)
+    m = tm.to_prefopt(hf)
+    m.lora_init(4, 8.0, ["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"], seed=5)
+    # non-zero B so the adapter matters
+    rng = np.random.default_rng(0)
+    state = {k: (v if ".lora_A." in k else 0.3 * rng.standard_normal(v.shape).astype(np.float32))
+             for k, v in m.lora_state().items()}
+    m.lora_load_state(state)
+    spec = lora.save_model_adapter(m, tmp_path / "ad", model_config=tm.prefopt_config(hf.config))
+    assert spec.targets == ("q_proj", "v_proj", "o_proj", "up_proj", "down_proj")
+    pairs = tm.random_pairs(rng, 4, tm.TINY["vocab_size"])
+    t, s = tm.pack(pairs)
+    ours = m.score(t, s)["logp"]
+    base = m.score(t, s, use_lora=False)["logp"]
+    pm = PeftModel.from_pretrained(tm.make_model("llama", seed=3), str(tmp_path / "ad")).eval()
+    theirs = _peft_logps(pm, pairs, tm)
+    np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert np.abs(ours - base).max() > 1e-2  # the adapter changed the numbers
+
+
+def test_peft_saved_adapter_gives_same_logps_in_prefopt(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    tm = _tm()
+    hf = tm.make_model("llama", seed=4)
+    pm = get_peft_model(hf, LoraConfig(r=2, lora_alpha=3, target_modules="all-linear", use_rslora=True,
+                                       init_lora_weights=False, task_type="CAUSAL_LM")).eval()
+    pm.save_pretrained(str(tmp_path / "p"))
+    rng = np.random.default_rng(1)
+    pairs = tm.random_pairs(rng, 3, tm.TINY["vocab_size"])
+    theirs = _peft_logps(pm, pairs, tm)
+    m = tm.to_prefopt(tm.make_model("llama", seed=4))
+    spec = lora.load_model_adapter(m, tmp_path / "p", model_config=tm.prefopt_config(hf.config))
+    assert spec.use_rslora and spec.rank == 2 and len(spec.targets) == 7
+    assert m.lora_info()["scale"] == pytest.approx(3 / math.sqrt(2))
+    t, s = tm.pack(pairs)
+    np.testing.assert_allclose(m.score(t, s)["logp"], theirs, rtol=1e-4, atol=1e-4)

@@ -111,6 +111,8 @@ def test_lora_grads_match_peft_autograd(arch, tied, obj):
     """One micro-batch of 4 prefix-shared pairs vs peft autograd on separate sequences."""
     hf = tm.make_model(arch, tied=tied, seed=11)
     m = tm.to_prefopt(hf)
+    if tied:
+        m.activation_budget = 0  # the recompute path against autograd too
     rank, alpha = 4, 8.0
     m.lora_init(rank, alpha, "all-linear", seed=5)
     rng = np.random.default_rng(7)
@@ -154,27 +156,80 @@ def test_rslora_and_subset_targets_match_peft():
     assert_grads_close(m.lora_state("grads"), {k: p.grad.numpy() for k, p in params.items()}, 1e-4)
 
 
-def test_shared_and_unshared_layouts_same_grads():
-    """Packing and prefix sharing do not change the gradient: the same pairs in a
-    different order and packing (one micro-batch vs one pair per call) give the
-    same accumulated gradients; the unshared reference is peft above."""
+@pytest.mark.parametrize("dropout_seed", [0, 77])
+def test_shared_and_unshared_layouts_same_grads(dropout_seed):
+    """DPO grads of 4 prefix-shared pairs (train_step) equal the grads of the same
+    objective with every prompt+completion packed as its own sequence (rejected_len 0),
+    back-propagated with logp_backward and the DPO coefficients dLoss/dLc, dLoss/dLr.
+    (Dropout masks depend on token rows, so the dropout case only compares
+    train_step with logp_backward on the same layout.)"""
     hf = tm.make_model("llama", seed=13)
     m = tm.to_prefopt(hf)
-    m.lora_init(4, 4.0, "all-linear", seed=2)
+    m.lora_init(4, 4.0, "all-linear", dropout=0.1 if dropout_seed else 0.0, seed=2)
     rng = np.random.default_rng(9)
     with_random_B(m, rng)
     pairs = tm.random_pairs(rng, 4, 97)
-    ref = rng.standard_normal((4, 2)) - 20
-    obj = {"kind": "dpo", "beta": 0.3}
+    tok, seg = tm.pack(pairs)
+    ref = m.score(tok, seg, use_lora=False)["logp"] + rng.standard_normal((4, 2))
+    beta, weight = 0.3, 0.25
     m.zero_grad()
-    m.train_step(*tm.pack(pairs), ref, obj, 1.0)
-    packed = m.lora_state("grads")
+    out = m.train_step(tok, seg, ref, {"kind": "dpo", "beta": beta}, weight, dropout_seed)
+    shared = m.lora_state("grads")
+    z = beta * ((out["logp"][:, 0] - ref[:, 0]) - (out["logp"][:, 1] - ref[:, 1]))
+    s = 1.0 / (1.0 + np.exp(z))  # sigmoid(-z)
+    coef = weight * np.stack([-beta * s, beta * s], 1)
+    # same layout through logp_backward: identical up to float32 rounding of the coefficients
+    m.zero_grad()
+    lb = m.logp_backward(tok, seg, coef, dropout_seed)
+    np.testing.assert_array_equal(lb["logp"], out["logp"])
+    assert_grads_close(m.lora_state("grads"), shared, 1e-6)
+    if dropout_seed:
+        return
+    # unshared: (prompt, chosen) and (prompt, rejected) as separate sequences
+    utok, useg = tm.pack_unshared(pairs)
+    ucoef = np.zeros((8, 2))
+    ucoef[0::2, 0], ucoef[1::2, 0] = coef[:, 0], coef[:, 1]
+    m.zero_grad()
+    ulb = m.logp_backward(utok, useg, ucoef)
+    np.testing.assert_allclose(ulb["logp"][:, 0].reshape(4, 2), out["logp"], atol=1e-4)
+    assert_grads_close(m.lora_state("grads"), shared, 1e-4)
+    # packing order does not matter either: one pair per call, shuffled
     m.zero_grad()
     for i in [2, 0, 3, 1]:
-        m.train_step(*tm.pack([pairs[i]]), ref[i:i + 1], obj, 1.0)
-    single = m.lora_state("grads")
-    for k in packed:
-        np.testing.assert_allclose(single[k], packed[k], rtol=1e-4, atol=1e-6 * np.abs(packed[k]).max())
+        m.train_step(*tm.pack([pairs[i]]), ref[i:i + 1], {"kind": "dpo", "beta": beta}, weight)
+    assert_grads_close(m.lora_state("grads"), shared, 1e-4)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_recompute_and_kept_activations_same_grads(dropout):
+    """Backward with every layer recomputed (budget 0), some kept and all kept
+    gives bit-identical gradients (recomputation is deterministic, dropout masks too)."""
+    hf = tm.make_model("qwen2", seed=23, num_hidden_layers=4)
+    m = tm.to_prefopt(hf)
+    m.lora_init(3, 6.0, "all-linear", dropout=dropout, seed=4)
+    rng = np.random.default_rng(10)
+    with_random_B(m, rng)
+    tok, seg = tm.pack(tm.random_pairs(rng, 3, 97))
+    ref = rng.standard_normal((3, 2)) - 20
+    seg_bytes = {}
+    grads = []
+    for budget in (0, None, 1 << 40):
+        if budget is None:  # room for about two kept layers
+            m.activation_budget = 0
+            lo = m.activation_bytes(seg)
+            m.activation_budget = 1 << 40
+            hi = m.activation_bytes(seg)
+            budget = lo + (hi - lo) * 2 // 3
+        m.activation_budget = budget
+        seg_bytes[budget] = m.activation_bytes(seg)
+        m.zero_grad()
+        m.train_step(tok, seg, ref, {"kind": "simpo", "beta": 2.0, "gamma": 0.5}, 1.0, 5)
+        grads.append(m.lora_state("grads"))
+    b = sorted(seg_bytes)
+    assert seg_bytes[b[0]] < seg_bytes[b[1]] < seg_bytes[b[2]]
+    for g in grads[1:]:
+        for k in g:
+            np.testing.assert_array_equal(g[k], grads[0][k])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])

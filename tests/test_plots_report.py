@@ -149,3 +149,13 @@ def test_table_without_pandas_is_a_list_of_dicts(runs, monkeypatch):
     monkeypatch.setitem(sys.modules, "pandas", None)
     rows = table(runs)
     assert isinstance(rows, list) and rows[1]["run"] == "B" and rows[1]["objective"] == "SimPO"
+
+
+def test_report_shows_scorer_column(runs, tmp_path):
+    for r in runs:
+        r.heldout = EvalResult.from_pairs([PairEval(p.id, p.slice, p.avg_margin, p.ref_margin,
+                                                    score=1.0 if p.avg_correct else 0.0)
+                                           for p in r.heldout.pairs])
+    text = write_report(runs, tmp_path / "r", plots=False, n_boot=200).read_text()
+    assert "scorer mean" in text and "| 0.75 |" in text  # run A: 9 of 12 scored 1
+    assert "Plots not requested" in text

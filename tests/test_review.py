@@ -179,3 +179,15 @@ def test_trl_summary_entry_with_leftover_metrics_counts():
     last.update({"rewards/chosen": 0.11, "rewards/rejected": -0.45, "rewards/margins": 0.56})
     train, _ = split_log(state["log_history"])
     assert len(train) == 9 and train[-1]["train_loss"] == 0.5927
+
+
+def test_command_line(tmp_path, capsys):
+    from prefopt.review import main
+    path = tmp_path / "trainer_state.json"
+    path.write_text(json.dumps(trainer_state((0.030, 0.036))))
+    run = RunResult("A", "dpo", 16, log=train_log(RISING), heldout=ev(BASE), baseline=ev(BASE))
+    res = run.save_json(tmp_path / "result.json")
+    assert main([str(path), str(res)]) == 0
+    out = capsys.readouterr().out
+    assert out.count(INFLATION) == 2 and out.startswith(tmp_path.name + ": ")
+    assert "\nA: " in out

@@ -123,6 +123,9 @@ def test_bad_headers(tmp_path):
     h["x"] = [1]
     expect_error(tmp_path, make(h, data), "not an object")
     expect_error(tmp_path, b"\1\2\3", "too short")
+    dup = blob[8:8 + struct.unpack("<Q", blob[:8])[0]].decode().rstrip()
+    dup = dup[:-1] + ', "x": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    expect_error(tmp_path, struct.pack("<Q", len(dup)) + dup.encode() + data, "duplicate key 'x'")
 
 
 def test_bad_index(tmp_path):

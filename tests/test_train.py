@@ -407,3 +407,29 @@ def test_eval_objective_matches_independent_numpy(obj):
     if obj["kind"] == "orpo":
         for k in ("nll", "log_odds", "log_sig_odds"):
             np.testing.assert_allclose(a[k], b[k], rtol=1e-9, atol=1e-12, err_msg=k)
+
+
+def test_finished_checkpoint_without_result_is_completed(tmp_path):
+    tr, ev = random_pairs(8, VOCAB), random_pairs(4, VOCAB, seed=1)
+    a = train(ToyModel(), tr, ev, cfg(max_steps=2), tmp_path, progress=False)
+    log = (tmp_path / "log.jsonl").read_bytes()
+    (tmp_path / "result.json").unlink()
+    b = train(ToyModel(), tr, ev, cfg(max_steps=2), tmp_path, progress=False)
+    assert (tmp_path / "log.jsonl").read_bytes() == log
+    assert b.heldout.to_dict() == a.heldout.to_dict()
+    assert adapter_bytes(b.adapter_path) == adapter_bytes(a.adapter_path)
+
+
+def test_evaluate_standalone_matches_run(make_model, tmp_path):
+    from prefopt.evaluate import evaluate
+
+    tr, ev = random_pairs(8, VOCAB), random_pairs(5, VOCAB, seed=1)
+    m = make_model()
+    c = cfg(max_steps=2)
+    r = train(m, tr, ev, c, tmp_path, progress=False)
+    again = evaluate(m, ev, config=c)  # the model holds the trained adapter
+    assert again.to_dict() == r.heldout.to_dict()
+    base = evaluate(m, ev, use_lora=False)
+    assert all(p.ref_margin == 0.0 for p in base.pairs) and base.metrics.get("eval_loss") is None
+    with pytest.raises(ValueError, match="no held-out pairs"):
+        evaluate(m, [], config=c)
