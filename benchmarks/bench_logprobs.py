@@ -93,6 +93,7 @@ def main(argv=None):
     import torch
     import transformers
     torch.set_num_threads(args.threads)
+    transformers.utils.logging.disable_progress_bar()
     t0 = time.perf_counter()
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(os.path.abspath(gguf)), gguf_file=os.path.basename(gguf),
