@@ -119,9 +119,9 @@ static void attn_scores(float *S, const float *qh, int ldq, int nq, const float 
     if (n2 > 0) pf_gemm(0, 1, nq, n2, hd, scale, qh, ldq, k2h, ldk, 0.0f, S + n1, nk);
 }
 
-void pf_attn_block_forward(float *out, float *lse, const float *q, int nq, const float *k1,
-                           const float *v1, int n1, const float *k2, const float *v2, int n2,
-                           int H, int KVH, int hd, float *S) {
+static void attn_tile_forward(float *out, float *lse, const float *q, int nq, const float *k1,
+                              const float *v1, int n1, const float *k2, const float *v2, int n2,
+                              int H, int KVH, int hd, float *S) {
     int nk = n1 + n2, off = nk - nq, group = H / KVH;
     int ldq = H * hd, ldk = KVH * hd;
     float scale = (float)(1.0 / sqrt((double)hd));
@@ -161,10 +161,11 @@ void pf_attn_block_forward(float *out, float *lse, const float *q, int nq, const
  *   dS   = P * (dP - D),  D_i = sum_j P_ij dP_ij = dO_i . O_i
  *   dQ  += scale dS K,   dK += scale dS^T Q.
  * GQA: the query heads of one group all accumulate into the same kv head. */
-void pf_attn_block_backward(float *dq, float *dk1, float *dv1, float *dk2, float *dv2,
-                            const float *dout, const float *out, const float *lse, const float *q,
-                            int nq, const float *k1, const float *v1, int n1, const float *k2,
-                            const float *v2, int n2, int H, int KVH, int hd, float *P, float *dP) {
+static void attn_tile_backward(float *dq, float *dk1, float *dv1, float *dk2, float *dv2,
+                               const float *dout, const float *out, const float *lse,
+                               const float *q, int nq, const float *k1, const float *v1, int n1,
+                               const float *k2, const float *v2, int n2, int H, int KVH, int hd,
+                               float *P, float *dP) {
     int nk = n1 + n2, off = nk - nq, group = H / KVH;
     int ldq = H * hd, ldk = KVH * hd;
     float scale = (float)(1.0 / sqrt((double)hd));
@@ -203,6 +204,43 @@ void pf_attn_block_backward(float *dq, float *dk1, float *dv1, float *dk2, float
         /* dK [n, hd] += scale dS[:, range]^T @ q_h */
         if (n1 > 0) pf_gemm(1, 0, n1, hd, nq, scale, dP, nk, q + qo, ldq, 1.0f, dk1 + ko, ldk);
         if (n2 > 0) pf_gemm(1, 0, n2, hd, nq, scale, dP + n1, nk, q + qo, ldq, 1.0f, dk2 + ko, ldk);
+    }
+}
+
+/* Causal blocks are processed in tiles of ATTN_TILE query rows: tile [i0, i1)
+ * only needs the first min(nk, i1 + nk - nq) keys, and with those keys the
+ * tile's own offset nk_t - nq_t equals i0 + nk - nq, so the tile functions
+ * above apply the same mask; the masked upper triangle beyond each tile is
+ * never computed. Backward accumulates (+=) tile by tile. */
+#define ATTN_TILE 64
+
+void pf_attn_block_forward(float *out, float *lse, const float *q, int nq, const float *k1,
+                           const float *v1, int n1, const float *k2, const float *v2, int n2,
+                           int H, int KVH, int hd, float *S) {
+    int nk = n1 + n2, off = nk - nq;
+    size_t ldq = (size_t)H * hd;
+    for (int i0 = 0; i0 < nq; i0 += ATTN_TILE) {
+        int nq_t = nq - i0 < ATTN_TILE ? nq - i0 : ATTN_TILE;
+        int nk_t = i0 + nq_t + off < nk ? i0 + nq_t + off : nk;
+        int n1_t = nk_t < n1 ? nk_t : n1, n2_t = nk_t - n1_t;
+        attn_tile_forward(out + (size_t)i0 * ldq, lse + (size_t)i0 * H, q + (size_t)i0 * ldq, nq_t,
+                          k1, v1, n1_t, k2, v2, n2_t, H, KVH, hd, S);
+    }
+}
+
+void pf_attn_block_backward(float *dq, float *dk1, float *dv1, float *dk2, float *dv2,
+                            const float *dout, const float *out, const float *lse, const float *q,
+                            int nq, const float *k1, const float *v1, int n1, const float *k2,
+                            const float *v2, int n2, int H, int KVH, int hd, float *P, float *dP) {
+    int nk = n1 + n2, off = nk - nq;
+    size_t ldq = (size_t)H * hd;
+    for (int i0 = 0; i0 < nq; i0 += ATTN_TILE) {
+        int nq_t = nq - i0 < ATTN_TILE ? nq - i0 : ATTN_TILE;
+        int nk_t = i0 + nq_t + off < nk ? i0 + nq_t + off : nk;
+        int n1_t = nk_t < n1 ? nk_t : n1, n2_t = nk_t - n1_t;
+        size_t r = (size_t)i0 * ldq;
+        attn_tile_backward(dq + r, dk1, dv1, dk2, dv2, dout + r, out + r, lse + (size_t)i0 * H,
+                           q + r, nq_t, k1, v1, n1_t, k2, v2, n2_t, H, KVH, hd, P, dP);
     }
 }
 

@@ -50,6 +50,7 @@ int pf_model_create(pf_model *m, const pf_config *c, pf_status *st) {
         (size_t)c->ffn * c->dim > (size_t)INT_MAX * 64)
         return pf_fail(st, PF_EUNSUPPORTED, "config: model dimensions too large");
     m->c = *c;
+    m->act_budget = PF_DEFAULT_ACT_BUDGET;
     size_t D = c->dim, V = c->vocab;
     m->n_floats = V * D + D + (c->tied ? 0 : V * D) + (size_t)c->n_layers * layer_floats(c);
     m->arena = pf_calloc(m->n_floats, sizeof(float), "model weights", st);
@@ -230,10 +231,16 @@ static void build_index(const int32_t *tokens, const int32_t *seg, int P, int32_
 /* work arena: every activation buffer of one call, carved from one block    */
 /* ------------------------------------------------------------------------ */
 
+/* one layer's activations, [T, width] */
 typedef struct {
-    /* one layer's activations, [T, width] */
     float *a1, *rstd1, *q, *k, *v, *att, *lse, *h1, *a2, *rstd2, *gate, *up, *act;
     float *xa[PF_LORA_NT]; /* [T, r] per adapted target */
+} pf_layer_acts;
+
+typedef struct {
+    pf_layer_acts la;      /* the copy the current layer uses */
+    pf_layer_acts *acts;   /* [n_keep] copies (train: the top n_keep layers keep theirs) */
+    int n_keep;
     float *xd;             /* [T, M] dropout scratch */
     float *S;              /* attention scores scratch */
     float *hbuf;           /* head chunk scratch */
@@ -258,21 +265,35 @@ static void *carve(carver *c, size_t n, size_t elsize) {
     return c->base ? (void *)(c->base + o) : NULL;
 }
 
-/* Lays out (base != NULL) or measures (base == NULL) the work block; returns bytes. */
-static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, size_t smax,
-                          int train, const pf_lora *lo, int drop_on, char *base) {
+static void carve_layer(carver *cv, pf_layer_acts *a, const pf_model *m, size_t T,
+                        const pf_lora *lo) {
     const pf_config *c = &m->c;
-    size_t D = c->dim, F = c->ffn, Q = qdim(c), K = kdim(c), H = c->n_heads, V = c->vocab;
+    size_t D = c->dim, F = c->ffn, Q = qdim(c), K = kdim(c), H = c->n_heads;
+    a->a1 = carve(cv, T * D, 4), a->rstd1 = carve(cv, T, 4);
+    a->q = carve(cv, T * Q, 4), a->k = carve(cv, T * K, 4), a->v = carve(cv, T * K, 4);
+    a->att = carve(cv, T * Q, 4), a->lse = carve(cv, T * H, 4), a->h1 = carve(cv, T * D, 4);
+    a->a2 = carve(cv, T * D, 4), a->rstd2 = carve(cv, T, 4);
+    a->gate = carve(cv, T * F, 4), a->up = carve(cv, T * F, 4), a->act = carve(cv, T * F, 4);
+    for (int t = 0; t < PF_LORA_NT; t++)
+        a->xa[t] = pf_lora_has(lo, t) ? carve(cv, T * (size_t)lo->rank, 4) : NULL;
+}
+
+/* Lays out (base != NULL) or measures (base == NULL) the work block; returns
+ * bytes. n_keep >= 1 copies of the per-layer activations. */
+static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, size_t smax,
+                          int train, const pf_lora *lo, int drop_on, int n_keep, char *base) {
+    const pf_config *c = &m->c;
+    size_t D = c->dim, F = c->ffn, Q = qdim(c), K = kdim(c), V = c->vocab;
     size_t M = D > F ? D : F;
     M = M > Q ? M : Q;
     carver cv = {base, 0};
-    w->a1 = carve(&cv, T * D, 4), w->rstd1 = carve(&cv, T, 4);
-    w->q = carve(&cv, T * Q, 4), w->k = carve(&cv, T * K, 4), w->v = carve(&cv, T * K, 4);
-    w->att = carve(&cv, T * Q, 4), w->lse = carve(&cv, T * H, 4), w->h1 = carve(&cv, T * D, 4);
-    w->a2 = carve(&cv, T * D, 4), w->rstd2 = carve(&cv, T, 4);
-    w->gate = carve(&cv, T * F, 4), w->up = carve(&cv, T * F, 4), w->act = carve(&cv, T * F, 4);
-    for (int t = 0; t < PF_LORA_NT; t++)
-        w->xa[t] = pf_lora_has(lo, t) ? carve(&cv, T * (size_t)lo->rank, 4) : NULL;
+    w->n_keep = n_keep;
+    w->acts = carve(&cv, (size_t)n_keep, sizeof(pf_layer_acts));
+    for (int i = 0; i < n_keep; i++) {
+        pf_layer_acts tmp;
+        carve_layer(&cv, base ? &w->acts[i] : &tmp, m, T, lo);
+    }
+    if (base) w->la = w->acts[0];
     w->xd = drop_on ? carve(&cv, T * M, 4) : NULL;
     w->S = carve(&cv, smax, 4);
     w->hbuf = carve(&cv, pf_head_scratch(HEAD_CHUNK, (int)D, (int)V), 4);
@@ -296,23 +317,40 @@ static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, siz
     return cv.off;
 }
 
+/* How many layers keep their activations through backward (the top ones), so
+ * that the work block stays within m->act_budget bytes; at least 1 (the top
+ * layer's activations are still in place when backward starts). */
+static int keep_layers(const pf_model *m, size_t T, size_t n, size_t smax, const pf_lora *lo,
+                       int drop_on) {
+    pf_work w;
+    size_t one = work_layout(&w, m, T, n, smax, 1, lo, drop_on, 1, NULL);
+    size_t two = work_layout(&w, m, T, n, smax, 1, lo, drop_on, 2, NULL);
+    size_t per = two - one, L = (size_t)m->c.n_layers;
+    if (m->act_budget <= one || per == 0) return 1;
+    size_t extra = (m->act_budget - one) / per;
+    return (int)(1 + (extra < L - 1 ? extra : L - 1));
+}
+
 static int work_alloc(pf_work *w, const pf_model *m, size_t T, size_t n, size_t smax, int train,
-                      const pf_lora *lo, int drop_on, pf_status *st) {
-    size_t bytes = work_layout(w, m, T, n, smax, train, lo, drop_on, NULL);
+                      const pf_lora *lo, int drop_on, int n_keep, pf_status *st) {
+    size_t bytes = work_layout(w, m, T, n, smax, train, lo, drop_on, n_keep, NULL);
     char *base = pf_malloc(bytes, "activations", st);
     if (!base) return st->code;
-    work_layout(w, m, T, n, smax, train, lo, drop_on, base);
+    work_layout(w, m, T, n, smax, train, lo, drop_on, n_keep, base);
     return PF_OK;
 }
+
+/* Point the current-layer view at copy i. */
+static void use_copy(pf_work *w, int i) { w->la = w->acts[i]; }
 
 size_t pf_model_work_floats(const pf_model *m, const int32_t *seg, int P, size_t n_tokens,
                             int train) {
     pf_work w;
     const pf_lora *lo = m->lora.rank > 0 ? &m->lora : NULL;
-    size_t bytes = work_layout(&w, m, n_tokens, pf_batch_n_completion(seg, P),
-                               pf_attn_scratch(seg, P), train, lo,
-                               train && lo && lo->dropout > 0.0f, NULL);
-    return bytes / sizeof(float);
+    size_t n = pf_batch_n_completion(seg, P), smax = pf_attn_scratch(seg, P);
+    int drop_on = train && lo && lo->dropout > 0.0f;
+    int keep = train ? keep_layers(m, n_tokens, n, smax, lo, drop_on) : 1;
+    return work_layout(&w, m, n_tokens, n, smax, train, lo, drop_on, keep, NULL) / sizeof(float);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -337,7 +375,7 @@ static void linear_forward(const fctx *f, pf_work *w, int l, int t, float *y, co
     if (b)
         for (size_t r = 0; r < f->T; r++)
             for (int j = 0; j < out; j++) y[r * (size_t)out + j] += b[j];
-    if (pf_lora_has(f->lo, t)) pf_lora_forward(f->lo, l, t, x, (int)f->T, y, w->xa[t], w->xd, f->seed);
+    if (pf_lora_has(f->lo, t)) pf_lora_forward(f->lo, l, t, x, (int)f->T, y, w->la.xa[t], w->xd, f->seed);
 }
 
 /* y = x W^T + LoRA:  dx [T,in] (+)= dy W  (beta 0 writes, 1 accumulates), and the
@@ -347,7 +385,7 @@ static void linear_backward(const fctx *f, const pf_lora *lg, pf_work *w, int l,
                             float beta) {
     pf_gemm(0, 0, (int)f->T, in, out, 1.0f, dy, out, W, in, beta, dx, in);
     if (pf_lora_has(lg, t))
-        pf_lora_backward(lg, l, t, x, (int)f->T, w->xa[t], dy, dx, w->ltmp, w->xd, f->seed);
+        pf_lora_backward(lg, l, t, x, (int)f->T, w->la.xa[t], dy, dx, w->ltmp, w->xd, f->seed);
 }
 
 /* xo [T,D] = layer l applied to x [T,D] (xo may alias x); leaves the layer's
@@ -359,30 +397,30 @@ static void layer_forward(const fctx *f, pf_work *w, int l, const float *x, floa
     int D = c->dim, F = c->ffn, Q = (int)qdim(c), K = (int)kdim(c);
     int H = c->n_heads, KVH = c->n_kv_heads, hd = c->head_dim;
     size_t T = f->T;
-    pf_rmsnorm_forward(w->a1, w->rstd1, x, L->ln1, T, D, c->eps);
-    linear_forward(f, w, l, PF_LORA_Q, w->q, w->a1, L->wq, L->bq, D, Q);
-    linear_forward(f, w, l, PF_LORA_K, w->k, w->a1, L->wk, L->bk, D, K);
-    linear_forward(f, w, l, PF_LORA_V, w->v, w->a1, L->wv, L->bv, D, K);
-    pf_rope_forward(w->q, Q, w->pos, T, H, hd, c->theta);
-    pf_rope_forward(w->k, K, w->pos, T, KVH, hd, c->theta);
+    pf_rmsnorm_forward(w->la.a1, w->la.rstd1, x, L->ln1, T, D, c->eps);
+    linear_forward(f, w, l, PF_LORA_Q, w->la.q, w->la.a1, L->wq, L->bq, D, Q);
+    linear_forward(f, w, l, PF_LORA_K, w->la.k, w->la.a1, L->wk, L->bk, D, K);
+    linear_forward(f, w, l, PF_LORA_V, w->la.v, w->la.a1, L->wv, L->bv, D, K);
+    pf_rope_forward(w->la.q, Q, w->pos, T, H, hd, c->theta);
+    pf_rope_forward(w->la.k, K, w->pos, T, KVH, hd, c->theta);
     if (f->kc) { /* generation: append to the cache, attend to all of it */
-        memcpy(f->kc + f->p0 * (size_t)K, w->k, sizeof(float) * T * (size_t)K);
-        memcpy(f->vc + f->p0 * (size_t)K, w->v, sizeof(float) * T * (size_t)K);
-        pf_attn_block_forward(w->att, w->lse, w->q, (int)T, f->kc, f->vc, (int)(f->p0 + T), NULL,
+        memcpy(f->kc + f->p0 * (size_t)K, w->la.k, sizeof(float) * T * (size_t)K);
+        memcpy(f->vc + f->p0 * (size_t)K, w->la.v, sizeof(float) * T * (size_t)K);
+        pf_attn_block_forward(w->la.att, w->la.lse, w->la.q, (int)T, f->kc, f->vc, (int)(f->p0 + T), NULL,
                               NULL, 0, H, KVH, hd, w->S);
     } else {
-        pf_attention_forward(w->att, w->lse, w->q, w->k, w->v, f->seg, f->P, H, KVH, hd, w->S);
+        pf_attention_forward(w->la.att, w->la.lse, w->la.q, w->la.k, w->la.v, f->seg, f->P, H, KVH, hd, w->S);
     }
     /* h1 = x + o_proj(att) */
-    linear_forward(f, w, l, PF_LORA_O, w->h1, w->att, L->wo, NULL, Q, D);
-    for (size_t i = 0; i < T * (size_t)D; i++) w->h1[i] += x[i];
+    linear_forward(f, w, l, PF_LORA_O, w->la.h1, w->la.att, L->wo, NULL, Q, D);
+    for (size_t i = 0; i < T * (size_t)D; i++) w->la.h1[i] += x[i];
     /* xo = h1 + down(silu(gate(a2)) * up(a2)) */
-    pf_rmsnorm_forward(w->a2, w->rstd2, w->h1, L->ln2, T, D, c->eps);
-    linear_forward(f, w, l, PF_LORA_GATE, w->gate, w->a2, L->wg, NULL, D, F);
-    linear_forward(f, w, l, PF_LORA_UP, w->up, w->a2, L->wu, NULL, D, F);
-    pf_swiglu_forward(w->act, w->gate, w->up, T * (size_t)F);
-    linear_forward(f, w, l, PF_LORA_DOWN, xo, w->act, L->wd, NULL, F, D);
-    for (size_t i = 0; i < T * (size_t)D; i++) xo[i] += w->h1[i];
+    pf_rmsnorm_forward(w->la.a2, w->la.rstd2, w->la.h1, L->ln2, T, D, c->eps);
+    linear_forward(f, w, l, PF_LORA_GATE, w->la.gate, w->la.a2, L->wg, NULL, D, F);
+    linear_forward(f, w, l, PF_LORA_UP, w->la.up, w->la.a2, L->wu, NULL, D, F);
+    pf_swiglu_forward(w->la.act, w->la.gate, w->la.up, T * (size_t)F);
+    linear_forward(f, w, l, PF_LORA_DOWN, xo, w->la.act, L->wd, NULL, F, D);
+    for (size_t i = 0; i < T * (size_t)D; i++) xo[i] += w->la.h1[i];
 }
 
 /* In: dres [T,D] = dLoss/d(layer output), w holding this layer's activations
@@ -401,26 +439,26 @@ static void layer_backward(const fctx *f, const pf_lora *lg, pf_work *w, int l, 
     int H = c->n_heads, KVH = c->n_kv_heads, hd = c->head_dim;
     size_t T = f->T;
     /* MLP */
-    linear_backward(f, lg, w, l, PF_LORA_DOWN, w->dact, dres, w->act, L->wd, F, D, 0.0f);
+    linear_backward(f, lg, w, l, PF_LORA_DOWN, w->dact, dres, w->la.act, L->wd, F, D, 0.0f);
     memset(w->dgate, 0, sizeof(float) * T * (size_t)F);
     memset(w->dup, 0, sizeof(float) * T * (size_t)F);
-    pf_swiglu_backward(w->dgate, w->dup, w->dact, w->gate, w->up, T * (size_t)F);
-    linear_backward(f, lg, w, l, PF_LORA_GATE, w->dA, w->dgate, w->a2, L->wg, D, F, 0.0f);
-    linear_backward(f, lg, w, l, PF_LORA_UP, w->dA, w->dup, w->a2, L->wu, D, F, 1.0f);
-    pf_rmsnorm_backward(dres, w->dA, w->h1, L->ln2, w->rstd2, T, D);
+    pf_swiglu_backward(w->dgate, w->dup, w->dact, w->la.gate, w->la.up, T * (size_t)F);
+    linear_backward(f, lg, w, l, PF_LORA_GATE, w->dA, w->dgate, w->la.a2, L->wg, D, F, 0.0f);
+    linear_backward(f, lg, w, l, PF_LORA_UP, w->dA, w->dup, w->la.a2, L->wu, D, F, 1.0f);
+    pf_rmsnorm_backward(dres, w->dA, w->la.h1, L->ln2, w->la.rstd2, T, D);
     /* attention */
-    linear_backward(f, lg, w, l, PF_LORA_O, w->datt, dres, w->att, L->wo, Q, D, 0.0f);
+    linear_backward(f, lg, w, l, PF_LORA_O, w->datt, dres, w->la.att, L->wo, Q, D, 0.0f);
     memset(w->dq, 0, sizeof(float) * T * (size_t)Q);
     memset(w->dk, 0, sizeof(float) * T * (size_t)K);
     memset(w->dv, 0, sizeof(float) * T * (size_t)K);
-    pf_attention_backward(w->dq, w->dk, w->dv, w->datt, w->att, w->lse, w->q, w->k, w->v, f->seg,
+    pf_attention_backward(w->dq, w->dk, w->dv, w->datt, w->la.att, w->la.lse, w->la.q, w->la.k, w->la.v, f->seg,
                           f->P, H, KVH, hd, w->S, w->dP);
     pf_rope_backward(w->dq, Q, w->pos, T, H, hd, c->theta);
     pf_rope_backward(w->dk, K, w->pos, T, KVH, hd, c->theta);
-    linear_backward(f, lg, w, l, PF_LORA_Q, w->dA, w->dq, w->a1, L->wq, D, Q, 0.0f);
-    linear_backward(f, lg, w, l, PF_LORA_K, w->dA, w->dk, w->a1, L->wk, D, K, 1.0f);
-    linear_backward(f, lg, w, l, PF_LORA_V, w->dA, w->dv, w->a1, L->wv, D, K, 1.0f);
-    pf_rmsnorm_backward(dres, w->dA, x, L->ln1, w->rstd1, T, D);
+    linear_backward(f, lg, w, l, PF_LORA_Q, w->dA, w->dq, w->la.a1, L->wq, D, Q, 0.0f);
+    linear_backward(f, lg, w, l, PF_LORA_K, w->dA, w->dk, w->la.a1, L->wk, D, K, 1.0f);
+    linear_backward(f, lg, w, l, PF_LORA_V, w->dA, w->dv, w->la.a1, L->wv, D, K, 1.0f);
+    pf_rmsnorm_backward(dres, w->dA, x, L->ln1, w->la.rstd1, T, D);
 }
 
 static void embed_rows(const pf_model *m, const int32_t *tokens, size_t T, float *x) {
@@ -452,7 +490,7 @@ static int forward_packed(pf_model *m, const pf_lora *lo, const int32_t *tokens,
                           const int32_t *seg, int P, pf_work *w, pf_status *st) {
     const pf_config *c = &m->c;
     size_t nc = pf_batch_n_completion(seg, P);
-    if (work_alloc(w, m, T, nc, pf_attn_scratch(seg, P), 0, lo, 0, st)) return st->code;
+    if (work_alloc(w, m, T, nc, pf_attn_scratch(seg, P), 0, lo, 0, 1, st)) return st->code;
     build_index(tokens, seg, P, w->pos, w->rows, w->targets);
     fctx f = {m, lo, 0, T, seg, P, NULL, NULL, 0};
     embed_rows(m, tokens, T, w->x);
@@ -489,9 +527,9 @@ int pf_model_completion_logits(pf_model *m, const int32_t *tokens, size_t n_toke
     if (forward_packed(m, lo, tokens, n_tokens, seg, P, &w, st)) return st->code;
     /* gather the nc (< T) scoring rows into a1 [nc, D]; logits [nc, V] = a1 @ head^T */
     for (size_t i = 0; i < nc; i++)
-        memcpy(w.a1 + i * D, w.xf + (size_t)w.rows[i] * D, sizeof(float) * D);
+        memcpy(w.la.a1 + i * D, w.xf + (size_t)w.rows[i] * D, sizeof(float) * D);
     if (nc > 0)
-        pf_gemm(0, 1, (int)nc, c->vocab, c->dim, 1.0f, w.a1, c->dim, m->head, c->dim, 0.0f,
+        pf_gemm(0, 1, (int)nc, c->vocab, c->dim, 1.0f, w.la.a1, c->dim, m->head, c->dim, 0.0f,
                 logits, c->vocab);
     free(w.mem);
     return PF_OK;
@@ -518,18 +556,22 @@ static int forward_backward(pf_model *m, const int32_t *tokens, size_t n_tokens,
     size_t T = n_tokens, nc = pf_batch_n_completion(seg, P), D = c->dim;
     double *dL = pf_malloc(sizeof(double) * 2 * (size_t)P, "completion gradients", st);
     if (!dL) return st->code;
+    size_t smax = pf_attn_scratch(seg, P);
+    int keep = keep_layers(m, T, nc, smax, lo, drop_on), L = c->n_layers, rc = PF_OK;
     pf_work w;
-    if (work_alloc(&w, m, T, nc, pf_attn_scratch(seg, P), 1, lo, drop_on, st)) {
+    if (work_alloc(&w, m, T, nc, smax, 1, lo, drop_on, keep, st)) {
         free(dL);
         return st->code;
     }
     build_index(tokens, seg, P, w.pos, w.rows, w.targets);
     fctx f = {m, lo, drop_on ? dropout_seed : 0, T, seg, P, NULL, NULL, 0};
-    int L = c->n_layers, rc = PF_OK;
-    /* forward, storing each layer's input */
+    /* forward, storing each layer's input; layer l >= L - keep keeps its
+     * activations in copy l - (L - keep), the others pass through copy 0 */
     embed_rows(m, tokens, T, w.store);
-    for (int l = 0; l < L; l++)
+    for (int l = 0; l < L; l++) {
+        use_copy(&w, l >= L - keep ? l - (L - keep) : 0);
         layer_forward(&f, &w, l, w.store + (size_t)l * T * D, w.store + (size_t)(l + 1) * T * D);
+    }
     const float *xL = w.store + (size_t)L * T * D;
     pf_rmsnorm_forward(w.xf, w.rstdf, xL, m->norm, T, c->dim, c->eps);
     pf_head_logp_forward(w.tok_logp, w.xf, c->dim, w.rows, w.targets, nc, m->head, c->vocab,
@@ -541,8 +583,9 @@ static int forward_backward(pf_model *m, const int32_t *tokens, size_t n_tokens,
     for (int p = 0; p < P; p++)
         for (int s2 = 0; s2 < 2; s2++)
             for (int32_t j = 0; j < seg[3 * p + 1 + s2]; j++) w.dlogp[i++] = (float)dL[2 * p + s2];
-    /* backward: head, final norm, then the layers from the top, each
-     * recomputed from its stored input (the last one is still in w) */
+    /* backward: head, final norm, then the layers from the top; a layer whose
+     * activations were not kept is recomputed from its stored input into copy 0
+     * (free by then: every kept layer is above it and already done) */
     memset(w.dA, 0, sizeof(float) * T * D);
     pf_head_logp_backward(w.dA, w.dlogp, w.xf, c->dim, w.rows, w.targets, nc, m->head, c->vocab,
                           w.hbuf, HEAD_CHUNK);
@@ -553,7 +596,12 @@ static int forward_backward(pf_model *m, const int32_t *tokens, size_t n_tokens,
     memset(w.lgrad, 0, sizeof(float) * lo->n_params);
     for (int l = L - 1; l >= 0; l--) {
         const float *xl = w.store + (size_t)l * T * D;
-        if (l != L - 1) layer_forward(&f, &w, l, xl, w.x);
+        if (l >= L - keep) {
+            use_copy(&w, l - (L - keep));
+        } else {
+            use_copy(&w, 0);
+            layer_forward(&f, &w, l, xl, w.x);
+        }
         layer_backward(&f, &lg, &w, l, xl, w.dres);
     }
     for (size_t j = 0; j < lo->n_params; j++) {
@@ -659,7 +707,7 @@ int pf_model_generate(pf_model *m, const int32_t *prompt, size_t n_prompt, int m
     size_t L = (size_t)c->n_layers;
     size_t smax = n_prompt * n_prompt > maxT ? n_prompt * n_prompt : maxT;
     pf_work w;
-    if (work_alloc(&w, m, n_prompt, 0, smax, 0, lo, 0, st)) return st->code;
+    if (work_alloc(&w, m, n_prompt, 0, smax, 0, lo, 0, 1, st)) return st->code;
     /* cache [L][2][maxT, K] and logits [V] in one block */
     float *cache = pf_malloc(sizeof(float) * (2 * L * maxT * K + V), "KV cache", st);
     if (!cache) {

@@ -24,8 +24,14 @@
  * + n_lora_params                      this step's LoRA gradients (added to the arena
  *                                      only if all finite)
  *
- * Layers are recomputed in backward from their stored inputs (one extra layer
- * forward per layer except the last), so nothing of size T*V or L*T*F is kept.
+ * + (k-1)*(T*(3D + 2Q + 2K + 3F + H + 2) + T*r*nt)
+ *                                      activations of the k top layers kept for backward
+ *
+ * k = as many layers as fit in pf_model.act_budget (Model.activation_budget,
+ * default 512 MiB), at least 1 (the top layer's activations are in place when
+ * backward starts). The other L-k layers are recomputed in backward from their
+ * stored inputs (one extra layer forward each). Nothing of size T*V is kept.
+ * The example below is k = 1 (budget 0).
  * Example: SmolLM2-135M (L=30, D=576, F=1536, Q=576, K=192, H=9, V=49152),
  * 8 pairs of 100+60+60 tokens (T=1760, n=960), r=16 on all 7 targets:
  * 31*T*D = 31.4M + T*16333 = 28.7M + T*128 = 0.23M + 2*25600 + 3.2M + 4.8k + 4.9M
@@ -40,6 +46,8 @@
 #include "common.h"
 #include "lora.h"
 #include "loss.h"
+
+#define PF_DEFAULT_ACT_BUDGET ((size_t)512 << 20) /* bytes, see pf_model.act_budget */
 
 typedef struct {
     int vocab, dim, ffn, n_layers, n_heads, n_kv_heads, head_dim;
@@ -68,6 +76,9 @@ typedef struct {
     pf_layer_weights *layers; /* [n_layers] */
     pf_lora lora;        /* rank 0: no adapter */
     long adam_step;
+    size_t act_budget;   /* train_step keeps the activations of as many top layers as fit
+                            in this many bytes of work arena (at least 1); the rest are
+                            recomputed in backward. 0: recompute all but the top layer. */
 } pf_model;
 
 /* Validates the config and allocates the (zeroed) weight arena. */

@@ -45,6 +45,17 @@ static int model_enter(PyModel *self) {
     return 0;
 }
 
+/* Marks the model busy right before the GIL is released (no Python call in
+ * between), so a second thread cannot start a call on the same model. */
+static int model_claim(PyModel *self) {
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Model is in use by another thread");
+        return -1;
+    }
+    self->busy = 1;
+    return 0;
+}
+
 static int need_lora(PyModel *self, const char *what) {
     if (self->m.lora.rank <= 0) {
         PyErr_Format(PyExc_ValueError, "%s needs an adapter: call lora_init first", what);
@@ -290,7 +301,7 @@ static PyObject *Model_score(PyModel *self, PyObject *args, PyObject *kwds) {
     if (!logp || !n || (per_token && !pt)) goto fail;
     pf_status st = {0};
     int rc;
-    self->busy = 1;
+    if (model_claim(self)) goto fail;
     Py_BEGIN_ALLOW_THREADS
     rc = pf_model_score(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg), b.P,
                         use_lora, PyArray_DATA((PyArrayObject *)logp),
@@ -337,7 +348,11 @@ static PyObject *Model_completion_logits(PyModel *self, PyObject *args, PyObject
     }
     pf_status st = {0};
     int rc;
-    self->busy = 1;
+    if (model_claim(self)) {
+        batch_release(&b);
+        Py_DECREF(lg);
+        return NULL;
+    }
     Py_BEGIN_ALLOW_THREADS
     rc = pf_model_completion_logits(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg),
                                     b.P, use_lora, PyArray_DATA((PyArrayObject *)lg), &st);
@@ -391,7 +406,7 @@ static PyObject *Model_train_step(PyModel *self, PyObject *args, PyObject *kwds)
 #undef D_
     pf_status st = {0};
     int rc;
-    self->busy = 1;
+    if (model_claim(self)) goto fail;
     Py_BEGIN_ALLOW_THREADS
     rc = pf_model_train_step(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg), b.P,
                              PyArray_DATA(ref), &obj, weight, (uint64_t)seed, &out, &st);
@@ -434,7 +449,7 @@ static PyObject *Model_logp_backward(PyModel *self, PyObject *args, PyObject *kw
     if (!logp || !n) goto fail;
     pf_status st = {0};
     int rc;
-    self->busy = 1;
+    if (model_claim(self)) goto fail;
     Py_BEGIN_ALLOW_THREADS
     rc = pf_model_logp_backward(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg), b.P,
                                 PyArray_DATA(coef), (uint64_t)seed,
@@ -640,6 +655,8 @@ fail:
     return NULL;
 }
 
+static PyObject *lora_load_state_impl(PyModel *self, PyObject *state, const char *arena);
+
 static PyObject *Model_lora_load_state(PyModel *self, PyObject *args, PyObject *kwds) {
     static char *kwlist[] = {"state", "arena", NULL};
     PyObject *state;
@@ -647,6 +664,15 @@ static PyObject *Model_lora_load_state(PyModel *self, PyObject *args, PyObject *
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O!|s", kwlist, &PyDict_Type, &state, &arena))
         return NULL;
     if (model_enter(self) || need_lora(self, "lora_load_state")) return NULL;
+    /* busy for the whole call: array conversions may run Python code (and let
+     * another thread in) between validation and the copy */
+    if (model_claim(self)) return NULL;
+    PyObject *r = lora_load_state_impl(self, state, arena);
+    self->busy = 0;
+    return r;
+}
+
+static PyObject *lora_load_state_impl(PyModel *self, PyObject *state, const char *arena) {
     pf_lora *l = &self->m.lora;
     float *base = arena_by_name(l, arena);
     if (!base) return NULL;
@@ -739,7 +765,7 @@ static PyObject *Model_optimizer_step(PyModel *self, PyObject *args, PyObject *k
     }
     double norm;
     int finite;
-    self->busy = 1;
+    if (model_claim(self)) return NULL;
     Py_BEGIN_ALLOW_THREADS
     norm = sqrt(pf_sumsq(l->grads, l->n_params));
     finite = isfinite(norm);
@@ -779,6 +805,29 @@ static int Model_set_adam_step(PyModel *self, PyObject *v, void *closure) {
         return -1;
     }
     self->m.adam_step = s;
+    return 0;
+}
+
+static PyObject *Model_get_budget(PyModel *self, void *closure) {
+    return PyLong_FromSize_t(self->m.act_budget);
+}
+
+static int Model_set_budget(PyModel *self, PyObject *v, void *closure) {
+    if (!v) {
+        PyErr_SetString(PyExc_TypeError, "cannot delete activation_budget");
+        return -1;
+    }
+    long long b = PyLong_AsLongLong(v);
+    if (b == -1 && PyErr_Occurred()) return -1;
+    if (b < 0) {
+        PyErr_SetString(PyExc_ValueError, "activation_budget must be >= 0 bytes");
+        return -1;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Model is in use by another thread");
+        return -1;
+    }
+    self->m.act_budget = (size_t)b;
     return 0;
 }
 
@@ -837,7 +886,10 @@ static PyObject *Model_generate(PyModel *self, PyObject *args, PyObject *kwds) {
     if (!res) goto fail;
     pf_status st = {0};
     int rc, n_out = 0;
-    self->busy = 1;
+    if (model_claim(self)) {
+        Py_DECREF(res);
+        goto fail;
+    }
     Py_BEGIN_ALLOW_THREADS
     rc = pf_model_generate(&self->m, PyArray_DATA(pa), (size_t)PyArray_DIM(pa, 0), max_new, stop,
                            n_stop, use_lora, PyArray_DATA((PyArrayObject *)res), &n_out, &st);
@@ -910,6 +962,9 @@ static PyGetSetDef Model_getset[] = {
     {"adam_step", (getter)Model_get_adam_step, (setter)Model_set_adam_step,
      "AdamW updates made so far (bias-correction step counter).", NULL},
     {"config", (getter)Model_get_config, NULL, "The model config as a dict.", NULL},
+    {"activation_budget", (getter)Model_get_budget, (setter)Model_set_budget,
+     "Bytes of work arena train_step may use to keep layer activations for backward instead "
+     "of recomputing them (default 512 MiB; 0 = recompute all but the top layer).", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

@@ -160,6 +160,25 @@ def test_attention_packed(H, KVH):
         fd_check(fwd, [q, k, v], grads[i], dout, i, rng)
 
 
+def test_attention_long_blocks_span_several_query_tiles():
+    """Blocks longer than the 64-row query tile (prompt+chosen 150 rows, rejected 130)."""
+    rng = np.random.default_rng(6)
+    H, KVH, hd = 2, 1, 4
+    seg = np.array([[70, 80, 130], [3, 1, 66]], np.int32)
+    T = int(seg.sum())
+    q, dout = f32(rng.standard_normal((T, H * hd))), f32(rng.standard_normal((T, H * hd)))
+    k, v = f32(rng.standard_normal((T, KVH * hd))), f32(rng.standard_normal((T, KVH * hd)))
+    out, dq, dk, dv = _core._kernel_test("attention", (q, k, v, seg, dout), (H, KVH, hd))
+    ts = [torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v)]
+    ref = torch_attention(*ts, packed_mask(seg), H, KVH, hd)
+    ref.backward(torch.tensor(dout, dtype=torch.float64))
+    np.testing.assert_allclose(out, ref.detach().numpy(), atol=2e-5)
+    for got, t in zip((dq, dk, dv), ts):
+        np.testing.assert_allclose(got, t.grad.numpy(), atol=1e-4)
+    fd_check(lambda a: _core._kernel_test("attention", (a[0], k, v, seg, dout), (H, KVH, hd))[0],
+             [q, k, v], dq, dout, 0, rng)
+
+
 def test_attention_prefix_sharing_equals_separate_sequences():
     """Chosen and rejected rows of a shared pair equal those of two unshared sequences."""
     rng = np.random.default_rng(4)

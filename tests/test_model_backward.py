@@ -111,6 +111,8 @@ def test_lora_grads_match_peft_autograd(arch, tied, obj):
     """One micro-batch of 4 prefix-shared pairs vs peft autograd on separate sequences."""
     hf = tm.make_model(arch, tied=tied, seed=11)
     m = tm.to_prefopt(hf)
+    if tied:
+        m.activation_budget = 0  # the recompute path against autograd too
     rank, alpha = 4, 8.0
     m.lora_init(rank, alpha, "all-linear", seed=5)
     rng = np.random.default_rng(7)
@@ -196,6 +198,38 @@ def test_shared_and_unshared_layouts_same_grads(dropout_seed):
     for i in [2, 0, 3, 1]:
         m.train_step(*tm.pack([pairs[i]]), ref[i:i + 1], {"kind": "dpo", "beta": beta}, weight)
     assert_grads_close(m.lora_state("grads"), shared, 1e-4)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_recompute_and_kept_activations_same_grads(dropout):
+    """Backward with every layer recomputed (budget 0), some kept and all kept
+    gives bit-identical gradients (recomputation is deterministic, dropout masks too)."""
+    hf = tm.make_model("qwen2", seed=23, num_hidden_layers=4)
+    m = tm.to_prefopt(hf)
+    m.lora_init(3, 6.0, "all-linear", dropout=dropout, seed=4)
+    rng = np.random.default_rng(10)
+    with_random_B(m, rng)
+    tok, seg = tm.pack(tm.random_pairs(rng, 3, 97))
+    ref = rng.standard_normal((3, 2)) - 20
+    seg_bytes = {}
+    grads = []
+    for budget in (0, None, 1 << 40):
+        if budget is None:  # room for about two kept layers
+            m.activation_budget = 0
+            lo = m.activation_bytes(seg)
+            m.activation_budget = 1 << 40
+            hi = m.activation_bytes(seg)
+            budget = lo + (hi - lo) * 2 // 3
+        m.activation_budget = budget
+        seg_bytes[budget] = m.activation_bytes(seg)
+        m.zero_grad()
+        m.train_step(tok, seg, ref, {"kind": "simpo", "beta": 2.0, "gamma": 0.5}, 1.0, 5)
+        grads.append(m.lora_state("grads"))
+    b = sorted(seg_bytes)
+    assert seg_bytes[b[0]] < seg_bytes[b[1]] < seg_bytes[b[2]]
+    for g in grads[1:]:
+        for k in g:
+            np.testing.assert_array_equal(g[k], grads[0][k])
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])

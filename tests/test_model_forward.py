@@ -113,8 +113,8 @@ def test_score_is_deterministic_and_lora_off_is_base(models):
     assert "per_token" not in a
 
 
-def formula_floats(cfg, seg, train, rank=0, n_targets=0, n_lora=0, dropout=False):
-    """The activation-memory formula stated in csrc/model.h."""
+def formula_floats(cfg, seg, train, rank=0, n_targets=0, n_lora=0, dropout=False, keep=1):
+    """The activation-memory formula stated in csrc/model.h (keep = layers kept)."""
     D, F, L, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
     H, Q, K = cfg["num_attention_heads"], cfg["num_attention_heads"] * cfg["head_dim"], \
         cfg["num_key_value_heads"] * cfg["head_dim"]
@@ -123,8 +123,10 @@ def formula_floats(cfg, seg, train, rank=0, n_targets=0, n_lora=0, dropout=False
     head = 64 * (D + V)
     if not train:
         return T * (5 * D + 2 * Q + 2 * K + 3 * F + H + 4) + T * rank * n_targets + S + head + 4 * n
+    per_layer = T * (3 * D + 2 * Q + 2 * K + 3 * F + H + 2) + T * rank * n_targets
     return ((L + 1) * T * D + T * (7 * D + 4 * Q + 4 * K + 6 * F + H + 4) + T * rank * (n_targets + 1)
-            + (T * max(D, F, Q) if dropout else 0) + 2 * S + head + 5 * n + n_lora)
+            + (T * max(D, F, Q) if dropout else 0) + 2 * S + head + 5 * n + n_lora
+            + (keep - 1) * per_layer)
 
 
 def test_activation_bytes_match_stated_formula(models):
@@ -136,10 +138,22 @@ def test_activation_bytes_match_stated_formula(models):
     assert 0 <= ev - 4 * formula_floats(cfg, seg, False) <= slack
     m.lora_init(4, 8.0, ["q_proj", "k_proj", "down_proj"], dropout=0.1)
     n_lora = m.lora_info()["n_params"]
-    tr = m.activation_bytes(seg, train=True)
-    want = 4 * formula_floats(cfg, seg, True, 4, 3, n_lora, dropout=True)
-    assert 0 <= tr - want <= slack
-    m.lora_remove()
+    assert m.activation_budget == 512 << 20
+    try:
+        m.activation_budget = 0  # recompute every layer but the top one
+        tr = m.activation_bytes(seg, train=True)
+        want = 4 * formula_floats(cfg, seg, True, 4, 3, n_lora, dropout=True)
+        assert 0 <= tr - want <= slack
+        m.activation_budget = 1 << 40  # keep every layer
+        L = cfg["num_hidden_layers"]
+        tr = m.activation_bytes(seg, train=True)
+        want = 4 * formula_floats(cfg, seg, True, 4, 3, n_lora, dropout=True, keep=L)
+        assert 0 <= tr - want <= slack * L
+        with pytest.raises(ValueError):
+            m.activation_budget = -1
+    finally:
+        m.activation_budget = 512 << 20
+        m.lora_remove()
 
 
 # ---------------------------------------------------------------- bad input
@@ -204,3 +218,50 @@ def test_bad_construction_raises():
     _core.Model(cfg_t, dict(w_t, **{"lm_head.weight": w_t["model.embed_tokens.weight"].copy()}))
     with pytest.raises(ValueError, match="lm_head"):
         _core.Model(cfg_t, dict(w_t, **{"lm_head.weight": w_t["model.embed_tokens.weight"] + 1}))
+
+
+def test_concurrent_calls_release_the_gil_and_share_nothing():
+    """Two models scored from two threads at once give the sequential results; a second
+    call on a model that is busy in another thread raises instead of racing."""
+    import threading
+
+    hf = tm.make_model("llama", seed=8)
+    rng = np.random.default_rng(8)
+    tok, seg = tm.pack(tm.random_pairs(rng, 6, 97, prompt=(30, 60), completion=(20, 40)))
+    models = [tm.to_prefopt(hf), tm.to_prefopt(hf)]
+    want = models[0].score(tok, seg)["logp"]
+    got, errors = [None, None], []
+
+    def run(i):
+        try:
+            for _ in range(3):
+                got[i] = models[i].score(tok, seg)["logp"]
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for g in got:
+        np.testing.assert_array_equal(g, want)
+    # same model from two threads: each call either completes or raises "in use"
+    busy, results = [], []
+
+    def run_same():
+        try:
+            for _ in range(3):
+                results.append(models[0].score(tok, seg)["logp"])
+        except RuntimeError as e:
+            busy.append(str(e))
+
+    threads = [threading.Thread(target=run_same) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all("in use" in b for b in busy)
+    for r in results:
+        np.testing.assert_array_equal(r, want)

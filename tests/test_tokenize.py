@@ -548,3 +548,46 @@ def test_model_prefers_the_digit_rule(gguf_file, tok):
     gain = logp[:, 0] - logp[:, 1]
     print("log-likelihood gain of the digit rule per text (nats):", np.round(gain, 2))
     assert np.all(gain > 1.0) and gain.sum() > 20.0
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["text", "conversational"])
+def test_matches_trl_dpo_preprocessing_and_truncation(hf_ref, tok, hh_path, tmp_path, chat):
+    """TRL's own DPO pipeline (prompt extraction already done, EOS for text, tokenisation,
+    dropping prompts that fill max_length, keep_start truncation in the collator) on 40 HH
+    pairs gives the same prompt / chosen / rejected ids as encode_pairs."""
+    import types
+
+    import torch
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+    from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+    pairs = load_pairs(hh_path, hh_to_chat=chat, skip_invalid=True, limit=40)
+    rows = [{"prompt": p.prompt, "chosen": p.chosen, "rejected": p.rejected} for p in pairs]
+    # full length
+    args = DPOConfig(output_dir=str(tmp_path), max_length=None, report_to=[], bf16=False, use_cpu=True)
+    ds = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=hf_ref), Dataset.from_list(rows),
+                                     hf_ref, args, "hh")
+    ours = T.encode_pairs(tok, pairs)
+    assert len(ds) == len(ours.pairs) == 40
+    for ex, mine in zip(ds, ours.pairs):
+        assert (ex["prompt_ids"], ex["chosen_ids"], ex["rejected_ids"]) == (
+            mine.prompt_ids, mine.chosen_ids, mine.rejected_ids)
+    # truncated: TRL drops prompts >= max_length and cuts each row to max_length (keep_start)
+    max_length = sorted(len(p.prompt_ids) for p in ours.pairs)[10] + 5
+    args = DPOConfig(output_dir=str(tmp_path), max_length=max_length, report_to=[], bf16=False, use_cpu=True)
+    ds = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=hf_ref), Dataset.from_list(rows),
+                                     hf_ref, args, "hh")
+    ours = T.encode_pairs(tok, pairs, max_length=max_length)
+    assert len(ds) == len(ours.pairs) and ours.n_dropped == 40 - len(ds) > 0
+    batch = DataCollatorForPreference(pad_token_id=tok.pad_id, max_length=max_length)([dict(e) for e in ds])
+    n = len(ds)
+    for i, mine in enumerate(ours.pairs):
+        for j, (full, comp) in enumerate(((mine.chosen_full, mine.chosen_ids),
+                                          (mine.rejected_full, mine.rejected_ids))):
+            row = i + j * n
+            length = int(batch["attention_mask"][row].sum())
+            assert batch["input_ids"][row, :length].tolist() == full
+            assert int(batch["completion_mask"][row].sum()) == len(comp)
+    assert any(p.chosen_truncated or p.rejected_truncated for p in ours.pairs)
+    assert isinstance(batch["input_ids"], torch.Tensor)
