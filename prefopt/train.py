@@ -763,20 +763,21 @@ class _Run:
         else:
             core.lora_remove()
             use_ref_lora = False
-        n_all = len(self.train) + len(self.eval or [])
-        rbar = _LazyBar(n_all, "reference log-probs", self.progress)
+        rbar = _LazyBar(len(self.train), "reference log-probs (train)", self.progress)
         ref, n_ref, _ = batching.reference_logps(core, self.train, cache_dir=self.cache_dir,
                                                  batch_size=cfg.eval_batch_size,
                                                  use_lora=use_ref_lora, key_extra=key_extra,
                                                  vocab_size=vocab, progress=rbar.update)
+        rbar.close()
         self.ref = ref
         self.eval_ref = None
         if self.eval:
+            rbar = _LazyBar(len(self.eval), "reference log-probs (held-out)", self.progress)
             self.eval_ref, _, _ = batching.reference_logps(
                 core, self.eval, cache_dir=self.cache_dir, batch_size=cfg.eval_batch_size,
                 use_lora=use_ref_lora, key_extra=key_extra, vocab_size=vocab,
                 progress=rbar.update)
-        rbar.close()
+            rbar.close()
 
         # adapter: fresh, continued, or restored from the checkpoint
         self.window = []
