@@ -309,11 +309,16 @@ class TrainConfig:
         return cls(**d)
 
     def settings(self) -> dict:
-        """Resolved, human-readable settings (what a report lists)."""
+        """Resolved, human-readable settings (what a report lists): the objective's own
+        parameters as the core uses them (``objective_params``; parameters of other
+        objectives are left out), LoRA alpha/dropout/targets as used, and the rest."""
         d = self.to_dict()
-        d.update(beta_used=self.resolved_beta, gamma_used=self.resolved_gamma,
-                 lora_alpha_used=self.resolved_alpha, lora_dropout_used=self.effective_lora_dropout,
-                 lora_targets_used=list(self.targets))
+        for k in OBJECTIVE_FIELDS:
+            if k != "objective":
+                d.pop(k)
+        d["objective_params"] = self.objective_dict()
+        d.update(lora_alpha=self.resolved_alpha, lora_dropout=self.effective_lora_dropout,
+                 lora_targets=list(self.targets))
         return d
 
     def fixed_settings(self) -> dict:

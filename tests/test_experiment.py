@@ -40,8 +40,9 @@ def test_matrix_structure(tmp_path, data):
         assert cfg["lora_rank"] == r.rank and cfg["objective"] == r.objective
         assert cfg["fixed"] == res.runs[0].settings["fixed"]
     simpo = [r for r in res.runs if r.objective == "simpo"][0]
-    assert simpo.settings["gamma_used"] == pytest.approx(0.6)
-    assert res.runs[0].settings["beta_used"] == 0.1
+    assert simpo.settings["objective_params"]["gamma"] == pytest.approx(0.6)
+    assert res.runs[0].settings["objective_params"] == {"kind": "dpo", "beta": 0.1,
+                                                        "label_smoothing": 0.0}
     # baseline once, at the base model: ref margins are 0 by construction
     assert all(p.ref_margin == 0.0 for p in res.baseline.pairs)
     assert json.loads((tmp_path / "baseline.json").read_text())["pairs"]
