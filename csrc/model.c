@@ -251,6 +251,7 @@ typedef struct {
     /* train only */
     float *store;          /* [(L+1), T, D] */
     float *dres, *dA, *dq, *dk, *dv, *datt, *dgate, *dup, *dact, *dP, *ltmp, *dlogp, *lgrad;
+    double *dL;            /* [P,2] coefficient of each completion's logp sum */
     void *mem;
 } pf_work;
 
@@ -280,7 +281,7 @@ static void carve_layer(carver *cv, pf_layer_acts *a, const pf_model *m, size_t 
 
 /* Lays out (base != NULL) or measures (base == NULL) the work block; returns
  * bytes. n_keep >= 1 copies of the per-layer activations. */
-static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, size_t smax,
+static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, int P, size_t smax,
                           int train, const pf_lora *lo, int drop_on, int n_keep, char *base) {
     const pf_config *c = &m->c;
     size_t D = c->dim, F = c->ffn, Q = qdim(c), K = kdim(c), V = c->vocab;
@@ -302,6 +303,7 @@ static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, siz
     w->tok_logp = carve(&cv, n, 8);
     w->store = w->dres = w->dA = w->dq = w->dk = w->dv = w->datt = NULL;
     w->dgate = w->dup = w->dact = w->dP = w->ltmp = w->dlogp = w->lgrad = NULL;
+    w->dL = NULL;
     if (train) {
         w->store = carve(&cv, ((size_t)c->n_layers + 1) * T * D, 4);
         w->dres = carve(&cv, T * D, 4), w->dA = carve(&cv, T * D, 4);
@@ -312,6 +314,7 @@ static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, siz
         w->ltmp = carve(&cv, T * (size_t)(lo ? lo->rank : 1), 4);
         w->dlogp = carve(&cv, n, 4);
         w->lgrad = carve(&cv, lo ? lo->n_params : 1, 4);
+        w->dL = carve(&cv, 2 * (size_t)P, 8);
     }
     w->mem = base;
     return cv.off;
@@ -320,23 +323,23 @@ static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, siz
 /* How many layers keep their activations through backward (the top ones), so
  * that the work block stays within m->act_budget bytes; at least 1 (the top
  * layer's activations are still in place when backward starts). */
-static int keep_layers(const pf_model *m, size_t T, size_t n, size_t smax, const pf_lora *lo,
-                       int drop_on) {
+static int keep_layers(const pf_model *m, size_t T, size_t n, int P, size_t smax,
+                       const pf_lora *lo, int drop_on) {
     pf_work w;
-    size_t one = work_layout(&w, m, T, n, smax, 1, lo, drop_on, 1, NULL);
-    size_t two = work_layout(&w, m, T, n, smax, 1, lo, drop_on, 2, NULL);
+    size_t one = work_layout(&w, m, T, n, P, smax, 1, lo, drop_on, 1, NULL);
+    size_t two = work_layout(&w, m, T, n, P, smax, 1, lo, drop_on, 2, NULL);
     size_t per = two - one, L = (size_t)m->c.n_layers;
     if (m->act_budget <= one || per == 0) return 1;
     size_t extra = (m->act_budget - one) / per;
     return (int)(1 + (extra < L - 1 ? extra : L - 1));
 }
 
-static int work_alloc(pf_work *w, const pf_model *m, size_t T, size_t n, size_t smax, int train,
-                      const pf_lora *lo, int drop_on, int n_keep, pf_status *st) {
-    size_t bytes = work_layout(w, m, T, n, smax, train, lo, drop_on, n_keep, NULL);
+static int work_alloc(pf_work *w, const pf_model *m, size_t T, size_t n, int P, size_t smax,
+                      int train, const pf_lora *lo, int drop_on, int n_keep, pf_status *st) {
+    size_t bytes = work_layout(w, m, T, n, P, smax, train, lo, drop_on, n_keep, NULL);
     char *base = pf_malloc(bytes, "activations", st);
     if (!base) return st->code;
-    work_layout(w, m, T, n, smax, train, lo, drop_on, n_keep, base);
+    work_layout(w, m, T, n, P, smax, train, lo, drop_on, n_keep, base);
     return PF_OK;
 }
 
@@ -349,8 +352,8 @@ size_t pf_model_work_floats(const pf_model *m, const int32_t *seg, int P, size_t
     const pf_lora *lo = m->lora.rank > 0 ? &m->lora : NULL;
     size_t n = pf_batch_n_completion(seg, P), smax = pf_attn_scratch(seg, P);
     int drop_on = train && lo && lo->dropout > 0.0f;
-    int keep = train ? keep_layers(m, n_tokens, n, smax, lo, drop_on) : 1;
-    return work_layout(&w, m, n_tokens, n, smax, train, lo, drop_on, keep, NULL) / sizeof(float);
+    int keep = train ? keep_layers(m, n_tokens, n, P, smax, lo, drop_on) : 1;
+    return work_layout(&w, m, n_tokens, n, P, smax, train, lo, drop_on, keep, NULL) / sizeof(float);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -375,7 +378,8 @@ static void linear_forward(const fctx *f, pf_work *w, int l, int t, float *y, co
     if (b)
         for (size_t r = 0; r < f->T; r++)
             for (int j = 0; j < out; j++) y[r * (size_t)out + j] += b[j];
-    if (pf_lora_has(f->lo, t)) pf_lora_forward(f->lo, l, t, x, (int)f->T, y, w->la.xa[t], w->xd, f->seed);
+    if (pf_lora_has(f->lo, t))
+        pf_lora_forward(f->lo, l, t, x, (int)f->T, y, w->la.xa[t], w->xd, f->seed);
 }
 
 /* y = x W^T + LoRA:  dx [T,in] (+)= dy W  (beta 0 writes, 1 accumulates), and the
@@ -406,10 +410,12 @@ static void layer_forward(const fctx *f, pf_work *w, int l, const float *x, floa
     if (f->kc) { /* generation: append to the cache, attend to all of it */
         memcpy(f->kc + f->p0 * (size_t)K, w->la.k, sizeof(float) * T * (size_t)K);
         memcpy(f->vc + f->p0 * (size_t)K, w->la.v, sizeof(float) * T * (size_t)K);
-        pf_attn_block_forward(w->la.att, w->la.lse, w->la.q, (int)T, f->kc, f->vc, (int)(f->p0 + T), NULL,
+        pf_attn_block_forward(w->la.att, w->la.lse, w->la.q, (int)T, f->kc, f->vc,
+                              (int)(f->p0 + T), NULL,
                               NULL, 0, H, KVH, hd, w->S);
     } else {
-        pf_attention_forward(w->la.att, w->la.lse, w->la.q, w->la.k, w->la.v, f->seg, f->P, H, KVH, hd, w->S);
+        pf_attention_forward(w->la.att, w->la.lse, w->la.q, w->la.k, w->la.v, f->seg, f->P, H,
+                             KVH, hd, w->S);
     }
     /* h1 = x + o_proj(att) */
     linear_forward(f, w, l, PF_LORA_O, w->la.h1, w->la.att, L->wo, NULL, Q, D);
@@ -451,8 +457,8 @@ static void layer_backward(const fctx *f, const pf_lora *lg, pf_work *w, int l, 
     memset(w->dq, 0, sizeof(float) * T * (size_t)Q);
     memset(w->dk, 0, sizeof(float) * T * (size_t)K);
     memset(w->dv, 0, sizeof(float) * T * (size_t)K);
-    pf_attention_backward(w->dq, w->dk, w->dv, w->datt, w->la.att, w->la.lse, w->la.q, w->la.k, w->la.v, f->seg,
-                          f->P, H, KVH, hd, w->S, w->dP);
+    pf_attention_backward(w->dq, w->dk, w->dv, w->datt, w->la.att, w->la.lse, w->la.q, w->la.k,
+                          w->la.v, f->seg, f->P, H, KVH, hd, w->S, w->dP);
     pf_rope_backward(w->dq, Q, w->pos, T, H, hd, c->theta);
     pf_rope_backward(w->dk, K, w->pos, T, KVH, hd, c->theta);
     linear_backward(f, lg, w, l, PF_LORA_Q, w->dA, w->dq, w->la.a1, L->wq, D, Q, 0.0f);
@@ -463,7 +469,8 @@ static void layer_backward(const fctx *f, const pf_lora *lg, pf_work *w, int l, 
 
 static void embed_rows(const pf_model *m, const int32_t *tokens, size_t T, float *x) {
     size_t D = m->c.dim;
-    for (size_t t = 0; t < T; t++) memcpy(x + t * D, m->embed + (size_t)tokens[t] * D, sizeof(float) * D);
+    for (size_t t = 0; t < T; t++)
+        memcpy(x + t * D, m->embed + (size_t)tokens[t] * D, sizeof(float) * D);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -490,7 +497,7 @@ static int forward_packed(pf_model *m, const pf_lora *lo, const int32_t *tokens,
                           const int32_t *seg, int P, pf_work *w, pf_status *st) {
     const pf_config *c = &m->c;
     size_t nc = pf_batch_n_completion(seg, P);
-    if (work_alloc(w, m, T, nc, pf_attn_scratch(seg, P), 0, lo, 0, 1, st)) return st->code;
+    if (work_alloc(w, m, T, nc, P, pf_attn_scratch(seg, P), 0, lo, 0, 1, st)) return st->code;
     build_index(tokens, seg, P, w->pos, w->rows, w->targets);
     fctx f = {m, lo, 0, T, seg, P, NULL, NULL, 0};
     embed_rows(m, tokens, T, w->x);
@@ -554,15 +561,11 @@ static int forward_backward(pf_model *m, const int32_t *tokens, size_t n_tokens,
     const pf_lora *lo = &m->lora;
     int drop_on = lo->dropout > 0.0f && dropout_seed != 0;
     size_t T = n_tokens, nc = pf_batch_n_completion(seg, P), D = c->dim;
-    double *dL = pf_malloc(sizeof(double) * 2 * (size_t)P, "completion gradients", st);
-    if (!dL) return st->code;
     size_t smax = pf_attn_scratch(seg, P);
-    int keep = keep_layers(m, T, nc, smax, lo, drop_on), L = c->n_layers, rc = PF_OK;
+    int keep = keep_layers(m, T, nc, P, smax, lo, drop_on), L = c->n_layers, rc = PF_OK;
     pf_work w;
-    if (work_alloc(&w, m, T, nc, smax, 1, lo, drop_on, keep, st)) {
-        free(dL);
-        return st->code;
-    }
+    if (work_alloc(&w, m, T, nc, P, smax, 1, lo, drop_on, keep, st)) return st->code;
+    double *dL = w.dL; /* [P,2] */
     build_index(tokens, seg, P, w.pos, w.rows, w.targets);
     fctx f = {m, lo, drop_on ? dropout_seed : 0, T, seg, P, NULL, NULL, 0};
     /* forward, storing each layer's input; layer l >= L - keep keeps its
@@ -614,7 +617,6 @@ static int forward_backward(pf_model *m, const int32_t *tokens, size_t n_tokens,
     for (size_t j = 0; j < lo->n_params; j++) lo->grads[j] += w.lgrad[j];
 done:
     free(w.mem);
-    free(dL);
     return rc;
 }
 
@@ -643,7 +645,8 @@ static int objective_coef(void *vctx, const double *logp, const int32_t *n, int 
         }
         out->loss[p] = pl.loss;
         out->reward[2 * p] = pl.reward_c, out->reward[2 * p + 1] = pl.reward_r;
-        out->nll[p] = pl.nll, out->log_odds[p] = pl.log_odds, out->log_sig_odds[p] = pl.log_sig_odds;
+        out->nll[p] = pl.nll, out->log_odds[p] = pl.log_odds;
+        out->log_sig_odds[p] = pl.log_sig_odds;
         dL[2 * p] = x->weight * pl.dLc;
         dL[2 * p + 1] = x->weight * pl.dLr;
     }
@@ -707,7 +710,7 @@ int pf_model_generate(pf_model *m, const int32_t *prompt, size_t n_prompt, int m
     size_t L = (size_t)c->n_layers;
     size_t smax = n_prompt * n_prompt > maxT ? n_prompt * n_prompt : maxT;
     pf_work w;
-    if (work_alloc(&w, m, n_prompt, 0, smax, 0, lo, 0, 1, st)) return st->code;
+    if (work_alloc(&w, m, n_prompt, 0, 1, smax, 0, lo, 0, 1, st)) return st->code;
     /* cache [L][2][maxT, K] and logits [V] in one block */
     float *cache = pf_malloc(sizeof(float) * (2 * L * maxT * K + V), "KV cache", st);
     if (!cache) {

@@ -20,7 +20,8 @@
  * + 2*S                                attention probabilities / their gradient, one
  *                                      (pair, block, head) at a time
  * + c*(D + V)                          head logits, one chunk at a time
- * + 5n                                 scoring index, per-token log-probs and their grads
+ * + 5n + 4P                           scoring index, per-token log-probs and their grads,
+ *                                      per-completion coefficients
  * + n_lora_params                      this step's LoRA gradients (added to the arena
  *                                      only if all finite)
  *

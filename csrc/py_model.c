@@ -640,7 +640,8 @@ static PyObject *Model_lora_state(PyModel *self, PyObject *args, PyObject *kwds)
                 npy_intp d0 = is_b ? l->out_dim[t] : l->rank, d1 = is_b ? l->rank : l->in_dim[t];
                 PyObject *a = new_array(2, d0, d1, NPY_FLOAT32);
                 if (!a) goto fail;
-                const float *src = is_b ? pf_lora_b(l, base, layer, t) : pf_lora_a(l, base, layer, t);
+                const float *src =
+                    is_b ? pf_lora_b(l, base, layer, t) : pf_lora_a(l, base, layer, t);
                 memcpy(PyArray_DATA((PyArrayObject *)a), src, sizeof(float) * (size_t)(d0 * d1));
                 lora_name(name, sizeof name, layer, t, is_b);
                 int rc = PyDict_SetItemString(d, name, a);
@@ -697,14 +698,16 @@ static PyObject *lora_load_state_impl(PyModel *self, PyObject *state, const char
                     PyArrayObject *a = pf_as_array(obj, NPY_FLOAT32, 2, what);
                     if (!a) return NULL;
                     if (PyArray_DIM(a, 0) != d0 || PyArray_DIM(a, 1) != d1) {
-                        PyErr_Format(PyExc_ValueError, "%s has shape (%zd, %zd), expected (%zd, %zd)",
+                        PyErr_Format(PyExc_ValueError,
+                                     "%s has shape (%zd, %zd), expected (%zd, %zd)",
                                      what, (Py_ssize_t)PyArray_DIM(a, 0),
                                      (Py_ssize_t)PyArray_DIM(a, 1), (Py_ssize_t)d0, (Py_ssize_t)d1);
                         Py_DECREF(a);
                         return NULL;
                     }
                     if (pass == 1) {
-                        float *dst = is_b ? pf_lora_b(l, base, layer, t) : pf_lora_a(l, base, layer, t);
+                        float *dst =
+                            is_b ? pf_lora_b(l, base, layer, t) : pf_lora_a(l, base, layer, t);
                         memcpy(dst, PyArray_DATA(a), sizeof(float) * (size_t)(d0 * d1));
                     } else {
                         expected++;
