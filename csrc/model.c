@@ -207,7 +207,7 @@ size_t pf_batch_n_completion(const int32_t *seg, int P) {
 /* positions, and the (row, target) list of scored tokens: completion token j
  * is predicted by the row before it, the first one by the last prompt row. */
 static void build_index(const int32_t *tokens, const int32_t *seg, int P, int32_t *pos,
-                        int32_t *rows, int32_t *targets) {
+                        int32_t *rows, int32_t *targets, int with_prompt) {
     size_t t0 = 0, i = 0;
     for (int p = 0; p < P; p++) {
         int32_t lp = seg[3 * p], lc = seg[3 * p + 1], lr = seg[3 * p + 2];
@@ -225,6 +225,23 @@ static void build_index(const int32_t *tokens, const int32_t *seg, int P, int32_
         }
         t0 = tr + (size_t)lr;
     }
+    if (!with_prompt) return;
+    /* then, pair by pair, prompt token j >= 1, predicted by prompt row j-1 */
+    t0 = 0;
+    for (int p = 0; p < P; p++) {
+        int32_t lp = seg[3 * p];
+        for (int32_t j = 1; j < lp; j++, i++) {
+            rows[i] = (int32_t)(t0 + (size_t)j - 1);
+            targets[i] = tokens[t0 + (size_t)j];
+        }
+        t0 += (size_t)lp + (size_t)seg[3 * p + 1] + (size_t)seg[3 * p + 2];
+    }
+}
+
+static size_t n_prompt_scored(const int32_t *seg, int P) {
+    size_t n = 0;
+    for (int p = 0; p < P; p++) n += (size_t)seg[3 * p] - 1;
+    return n;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -251,6 +268,8 @@ typedef struct {
     /* train only */
     float *store;          /* [(L+1), T, D] */
     float *dres, *dA, *dq, *dk, *dv, *datt, *dgate, *dup, *dact, *dP, *ltmp, *dlogp, *lgrad;
+    double *dL;            /* [P,2] coefficient of each completion's logp sum */
+    double *Lp, *dLp;      /* [P] prompt logp sums and their coefficients (ORPO option) */
     void *mem;
 } pf_work;
 
@@ -280,7 +299,7 @@ static void carve_layer(carver *cv, pf_layer_acts *a, const pf_model *m, size_t 
 
 /* Lays out (base != NULL) or measures (base == NULL) the work block; returns
  * bytes. n_keep >= 1 copies of the per-layer activations. */
-static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, size_t smax,
+static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, int P, size_t smax,
                           int train, const pf_lora *lo, int drop_on, int n_keep, char *base) {
     const pf_config *c = &m->c;
     size_t D = c->dim, F = c->ffn, Q = qdim(c), K = kdim(c), V = c->vocab;
@@ -302,6 +321,7 @@ static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, siz
     w->tok_logp = carve(&cv, n, 8);
     w->store = w->dres = w->dA = w->dq = w->dk = w->dv = w->datt = NULL;
     w->dgate = w->dup = w->dact = w->dP = w->ltmp = w->dlogp = w->lgrad = NULL;
+    w->dL = w->Lp = w->dLp = NULL;
     if (train) {
         w->store = carve(&cv, ((size_t)c->n_layers + 1) * T * D, 4);
         w->dres = carve(&cv, T * D, 4), w->dA = carve(&cv, T * D, 4);
@@ -312,6 +332,8 @@ static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, siz
         w->ltmp = carve(&cv, T * (size_t)(lo ? lo->rank : 1), 4);
         w->dlogp = carve(&cv, n, 4);
         w->lgrad = carve(&cv, lo ? lo->n_params : 1, 4);
+        w->dL = carve(&cv, 2 * (size_t)P, 8);
+        w->Lp = carve(&cv, (size_t)P, 8), w->dLp = carve(&cv, (size_t)P, 8);
     }
     w->mem = base;
     return cv.off;
@@ -320,23 +342,23 @@ static size_t work_layout(pf_work *w, const pf_model *m, size_t T, size_t n, siz
 /* How many layers keep their activations through backward (the top ones), so
  * that the work block stays within m->act_budget bytes; at least 1 (the top
  * layer's activations are still in place when backward starts). */
-static int keep_layers(const pf_model *m, size_t T, size_t n, size_t smax, const pf_lora *lo,
-                       int drop_on) {
+static int keep_layers(const pf_model *m, size_t T, size_t n, int P, size_t smax,
+                       const pf_lora *lo, int drop_on) {
     pf_work w;
-    size_t one = work_layout(&w, m, T, n, smax, 1, lo, drop_on, 1, NULL);
-    size_t two = work_layout(&w, m, T, n, smax, 1, lo, drop_on, 2, NULL);
+    size_t one = work_layout(&w, m, T, n, P, smax, 1, lo, drop_on, 1, NULL);
+    size_t two = work_layout(&w, m, T, n, P, smax, 1, lo, drop_on, 2, NULL);
     size_t per = two - one, L = (size_t)m->c.n_layers;
     if (m->act_budget <= one || per == 0) return 1;
     size_t extra = (m->act_budget - one) / per;
     return (int)(1 + (extra < L - 1 ? extra : L - 1));
 }
 
-static int work_alloc(pf_work *w, const pf_model *m, size_t T, size_t n, size_t smax, int train,
-                      const pf_lora *lo, int drop_on, int n_keep, pf_status *st) {
-    size_t bytes = work_layout(w, m, T, n, smax, train, lo, drop_on, n_keep, NULL);
+static int work_alloc(pf_work *w, const pf_model *m, size_t T, size_t n, int P, size_t smax,
+                      int train, const pf_lora *lo, int drop_on, int n_keep, pf_status *st) {
+    size_t bytes = work_layout(w, m, T, n, P, smax, train, lo, drop_on, n_keep, NULL);
     char *base = pf_malloc(bytes, "activations", st);
     if (!base) return st->code;
-    work_layout(w, m, T, n, smax, train, lo, drop_on, n_keep, base);
+    work_layout(w, m, T, n, P, smax, train, lo, drop_on, n_keep, base);
     return PF_OK;
 }
 
@@ -349,8 +371,8 @@ size_t pf_model_work_floats(const pf_model *m, const int32_t *seg, int P, size_t
     const pf_lora *lo = m->lora.rank > 0 ? &m->lora : NULL;
     size_t n = pf_batch_n_completion(seg, P), smax = pf_attn_scratch(seg, P);
     int drop_on = train && lo && lo->dropout > 0.0f;
-    int keep = train ? keep_layers(m, n_tokens, n, smax, lo, drop_on) : 1;
-    return work_layout(&w, m, n_tokens, n, smax, train, lo, drop_on, keep, NULL) / sizeof(float);
+    int keep = train ? keep_layers(m, n_tokens, n, P, smax, lo, drop_on) : 1;
+    return work_layout(&w, m, n_tokens, n, P, smax, train, lo, drop_on, keep, NULL) / sizeof(float);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -375,7 +397,8 @@ static void linear_forward(const fctx *f, pf_work *w, int l, int t, float *y, co
     if (b)
         for (size_t r = 0; r < f->T; r++)
             for (int j = 0; j < out; j++) y[r * (size_t)out + j] += b[j];
-    if (pf_lora_has(f->lo, t)) pf_lora_forward(f->lo, l, t, x, (int)f->T, y, w->la.xa[t], w->xd, f->seed);
+    if (pf_lora_has(f->lo, t))
+        pf_lora_forward(f->lo, l, t, x, (int)f->T, y, w->la.xa[t], w->xd, f->seed);
 }
 
 /* y = x W^T + LoRA:  dx [T,in] (+)= dy W  (beta 0 writes, 1 accumulates), and the
@@ -406,10 +429,12 @@ static void layer_forward(const fctx *f, pf_work *w, int l, const float *x, floa
     if (f->kc) { /* generation: append to the cache, attend to all of it */
         memcpy(f->kc + f->p0 * (size_t)K, w->la.k, sizeof(float) * T * (size_t)K);
         memcpy(f->vc + f->p0 * (size_t)K, w->la.v, sizeof(float) * T * (size_t)K);
-        pf_attn_block_forward(w->la.att, w->la.lse, w->la.q, (int)T, f->kc, f->vc, (int)(f->p0 + T), NULL,
+        pf_attn_block_forward(w->la.att, w->la.lse, w->la.q, (int)T, f->kc, f->vc,
+                              (int)(f->p0 + T), NULL,
                               NULL, 0, H, KVH, hd, w->S);
     } else {
-        pf_attention_forward(w->la.att, w->la.lse, w->la.q, w->la.k, w->la.v, f->seg, f->P, H, KVH, hd, w->S);
+        pf_attention_forward(w->la.att, w->la.lse, w->la.q, w->la.k, w->la.v, f->seg, f->P, H,
+                             KVH, hd, w->S);
     }
     /* h1 = x + o_proj(att) */
     linear_forward(f, w, l, PF_LORA_O, w->la.h1, w->la.att, L->wo, NULL, Q, D);
@@ -451,8 +476,8 @@ static void layer_backward(const fctx *f, const pf_lora *lg, pf_work *w, int l, 
     memset(w->dq, 0, sizeof(float) * T * (size_t)Q);
     memset(w->dk, 0, sizeof(float) * T * (size_t)K);
     memset(w->dv, 0, sizeof(float) * T * (size_t)K);
-    pf_attention_backward(w->dq, w->dk, w->dv, w->datt, w->la.att, w->la.lse, w->la.q, w->la.k, w->la.v, f->seg,
-                          f->P, H, KVH, hd, w->S, w->dP);
+    pf_attention_backward(w->dq, w->dk, w->dv, w->datt, w->la.att, w->la.lse, w->la.q, w->la.k,
+                          w->la.v, f->seg, f->P, H, KVH, hd, w->S, w->dP);
     pf_rope_backward(w->dq, Q, w->pos, T, H, hd, c->theta);
     pf_rope_backward(w->dk, K, w->pos, T, KVH, hd, c->theta);
     linear_backward(f, lg, w, l, PF_LORA_Q, w->dA, w->dq, w->la.a1, L->wq, D, Q, 0.0f);
@@ -463,7 +488,8 @@ static void layer_backward(const fctx *f, const pf_lora *lg, pf_work *w, int l, 
 
 static void embed_rows(const pf_model *m, const int32_t *tokens, size_t T, float *x) {
     size_t D = m->c.dim;
-    for (size_t t = 0; t < T; t++) memcpy(x + t * D, m->embed + (size_t)tokens[t] * D, sizeof(float) * D);
+    for (size_t t = 0; t < T; t++)
+        memcpy(x + t * D, m->embed + (size_t)tokens[t] * D, sizeof(float) * D);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -490,8 +516,8 @@ static int forward_packed(pf_model *m, const pf_lora *lo, const int32_t *tokens,
                           const int32_t *seg, int P, pf_work *w, pf_status *st) {
     const pf_config *c = &m->c;
     size_t nc = pf_batch_n_completion(seg, P);
-    if (work_alloc(w, m, T, nc, pf_attn_scratch(seg, P), 0, lo, 0, 1, st)) return st->code;
-    build_index(tokens, seg, P, w->pos, w->rows, w->targets);
+    if (work_alloc(w, m, T, nc, P, pf_attn_scratch(seg, P), 0, lo, 0, 1, st)) return st->code;
+    build_index(tokens, seg, P, w->pos, w->rows, w->targets, 0);
     fctx f = {m, lo, 0, T, seg, P, NULL, NULL, 0};
     embed_rows(m, tokens, T, w->x);
     for (int l = 0; l < c->n_layers; l++) layer_forward(&f, w, l, w->x, w->x);
@@ -539,31 +565,31 @@ int pf_model_completion_logits(pf_model *m, const int32_t *tokens, size_t n_toke
 /* train step                                                                */
 /* ------------------------------------------------------------------------ */
 
-/* The per-completion gradient coefficients dL/dL_completion [P,2] from the
- * logp sums [P,2] and counts: the objective (train_step) or given (logp_backward). */
-typedef int (*coef_fn)(void *ctx, const double *logp, const int32_t *n, int P, double *dL,
-                       pf_status *st);
+/* The per-completion gradient coefficients dL [P,2] = dLoss/d(logp sums) from
+ * the sums logp [P,2] and counts n [P,2]: the objective (train_step) or given
+ * (logp_backward). With prompt scoring (Lp != NULL), Lp [P] holds the prompt
+ * log-prob sums (tokens 1..lp-1) and the function also writes dLp [P]. */
+typedef int (*coef_fn)(void *ctx, const double *logp, const int32_t *n, const double *Lp,
+                       const int32_t *seg, int P, double *dL, double *dLp, pf_status *st);
 
 /* Forward with the adapter (storing each layer's input), coefficients, then
  * backward of sum over completions of dL * logp into a private gradient
  * buffer, added to the LoRA grad arena only if every entry is finite. */
 static int forward_backward(pf_model *m, const int32_t *tokens, size_t n_tokens,
-                            const int32_t *seg, int P, uint64_t dropout_seed, coef_fn coef,
-                            void *ctx, double *logp, int32_t *n, pf_status *st) {
+                            const int32_t *seg, int P, uint64_t dropout_seed, int with_prompt,
+                            coef_fn coef, void *ctx, double *logp, int32_t *n, pf_status *st) {
     const pf_config *c = &m->c;
     const pf_lora *lo = &m->lora;
     int drop_on = lo->dropout > 0.0f && dropout_seed != 0;
-    size_t T = n_tokens, nc = pf_batch_n_completion(seg, P), D = c->dim;
-    double *dL = pf_malloc(sizeof(double) * 2 * (size_t)P, "completion gradients", st);
-    if (!dL) return st->code;
+    size_t T = n_tokens, D = c->dim, ncomp = pf_batch_n_completion(seg, P);
+    /* scored tokens: every completion token, then (option) prompt tokens 1..lp-1 */
+    size_t nc = ncomp + (with_prompt ? n_prompt_scored(seg, P) : 0);
     size_t smax = pf_attn_scratch(seg, P);
-    int keep = keep_layers(m, T, nc, smax, lo, drop_on), L = c->n_layers, rc = PF_OK;
+    int keep = keep_layers(m, T, nc, P, smax, lo, drop_on), L = c->n_layers, rc = PF_OK;
     pf_work w;
-    if (work_alloc(&w, m, T, nc, smax, 1, lo, drop_on, keep, st)) {
-        free(dL);
-        return st->code;
-    }
-    build_index(tokens, seg, P, w.pos, w.rows, w.targets);
+    if (work_alloc(&w, m, T, nc, P, smax, 1, lo, drop_on, keep, st)) return st->code;
+    double *dL = w.dL; /* [P,2] */
+    build_index(tokens, seg, P, w.pos, w.rows, w.targets, with_prompt);
     fctx f = {m, lo, drop_on ? dropout_seed : 0, T, seg, P, NULL, NULL, 0};
     /* forward, storing each layer's input; layer l >= L - keep keeps its
      * activations in copy l - (L - keep), the others pass through copy 0 */
@@ -577,12 +603,20 @@ static int forward_backward(pf_model *m, const int32_t *tokens, size_t n_tokens,
     pf_head_logp_forward(w.tok_logp, w.xf, c->dim, w.rows, w.targets, nc, m->head, c->vocab,
                          w.hbuf, HEAD_CHUNK);
     pair_sums(w.tok_logp, seg, P, logp, n);
-    if ((rc = coef(ctx, logp, n, P, dL, st))) goto done;
-    /* every completion token's log-prob gets its completion's coefficient */
-    size_t i = 0;
+    size_t i = ncomp;
+    for (int p = 0; with_prompt && p < P; p++) {
+        double sum = 0.0;
+        for (int32_t j = 1; j < seg[3 * p]; j++) sum += w.tok_logp[i++];
+        w.Lp[p] = sum;
+    }
+    if ((rc = coef(ctx, logp, n, with_prompt ? w.Lp : NULL, seg, P, dL, w.dLp, st))) goto done;
+    /* every scored token's log-prob gets its sequence's coefficient */
+    i = 0;
     for (int p = 0; p < P; p++)
         for (int s2 = 0; s2 < 2; s2++)
             for (int32_t j = 0; j < seg[3 * p + 1 + s2]; j++) w.dlogp[i++] = (float)dL[2 * p + s2];
+    for (int p = 0; with_prompt && p < P; p++)
+        for (int32_t j = 1; j < seg[3 * p]; j++) w.dlogp[i++] = (float)w.dLp[p];
     /* backward: head, final norm, then the layers from the top; a layer whose
      * activations were not kept is recomputed from its stored input into copy 0
      * (free by then: every kept layer is above it and already done) */
@@ -614,7 +648,6 @@ static int forward_backward(pf_model *m, const int32_t *tokens, size_t n_tokens,
     for (size_t j = 0; j < lo->n_params; j++) lo->grads[j] += w.lgrad[j];
 done:
     free(w.mem);
-    free(dL);
     return rc;
 }
 
@@ -625,9 +658,13 @@ typedef struct {
     pf_train_out *out;
 } objective_ctx;
 
-/* objective per pair; dL = weight * dLoss/dLc, dLoss/dLr */
-static int objective_coef(void *vctx, const double *logp, const int32_t *n, int P, double *dL,
-                          pf_status *st) {
+/* objective per pair; dL = weight * dLoss/dLc, dLoss/dLr.
+ * ORPO with the prompt in the NLL (TRL's convention, Lp != NULL): the loss
+ * swaps pf_objective_pair's nll = -Lc/nc for nll' = -(Lp + Lc)/(np + nc),
+ * np = lp - 1 (every token but the first is predicted), so
+ *   loss' = loss - nll + nll',  dLc' = dLc + 1/nc - 1/(np + nc),  dLp = -1/(np + nc). */
+static int objective_coef(void *vctx, const double *logp, const int32_t *n, const double *Lp,
+                          const int32_t *seg, int P, double *dL, double *dLp, pf_status *st) {
     objective_ctx *x = vctx;
     pf_train_out *out = x->out;
     for (int p = 0; p < P; p++) {
@@ -641,9 +678,20 @@ static int objective_coef(void *vctx, const double *logp, const int32_t *n, int 
             }
             return st->code;
         }
+        if (Lp) {
+            double nc = (double)n[2 * p], np = (double)seg[3 * p] - 1.0;
+            double nll = -(Lp[p] + logp[2 * p]) / (np + nc);
+            pl.loss += nll - pl.nll;
+            pl.dLc += 1.0 / nc - 1.0 / (np + nc);
+            pl.nll = nll;
+            dLp[p] = x->weight * (-1.0 / (np + nc));
+            if (!isfinite(pl.loss) || !isfinite(nll))
+                return pf_fail(st, PF_ENONFINITE, "pair %d: non-finite ORPO loss", p);
+        }
         out->loss[p] = pl.loss;
         out->reward[2 * p] = pl.reward_c, out->reward[2 * p + 1] = pl.reward_r;
-        out->nll[p] = pl.nll, out->log_odds[p] = pl.log_odds, out->log_sig_odds[p] = pl.log_sig_odds;
+        out->nll[p] = pl.nll, out->log_odds[p] = pl.log_odds;
+        out->log_sig_odds[p] = pl.log_sig_odds;
         dL[2 * p] = x->weight * pl.dLc;
         dL[2 * p + 1] = x->weight * pl.dLr;
     }
@@ -652,8 +700,11 @@ static int objective_coef(void *vctx, const double *logp, const int32_t *n, int 
 
 int pf_model_train_step(pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg,
                         int P, const double *ref, const pf_objective *obj, double weight,
-                        uint64_t dropout_seed, pf_train_out *out, pf_status *st) {
+                        uint64_t dropout_seed, int nll_with_prompt, pf_train_out *out,
+                        pf_status *st) {
     if (pf_batch_check(m, tokens, n_tokens, seg, P, st)) return st->code;
+    if (nll_with_prompt && obj->kind != PF_OBJ_ORPO)
+        return pf_fail(st, PF_EINVAL, "nll_include_prompt is an ORPO option");
     if (m->lora.rank <= 0)
         return pf_fail(st, PF_EINVAL, "train_step needs an adapter: call lora_init first");
     for (int p = 0; p < P; p++)
@@ -665,12 +716,12 @@ int pf_model_train_step(pf_model *m, const int32_t *tokens, size_t n_tokens, con
     if (!isfinite(weight)) return pf_fail(st, PF_EINVAL, "weight must be finite");
     if (pf_objective_check(obj, st)) return st->code;
     objective_ctx x = {ref, obj, weight, out};
-    return forward_backward(m, tokens, n_tokens, seg, P, dropout_seed, objective_coef, &x,
-                            out->logp, out->n, st);
+    return forward_backward(m, tokens, n_tokens, seg, P, dropout_seed, nll_with_prompt,
+                            objective_coef, &x, out->logp, out->n, st);
 }
 
-static int given_coef(void *ctx, const double *logp, const int32_t *n, int P, double *dL,
-                      pf_status *st) {
+static int given_coef(void *ctx, const double *logp, const int32_t *n, const double *Lp,
+                      const int32_t *seg, int P, double *dL, double *dLp, pf_status *st) {
     memcpy(dL, ctx, sizeof(double) * 2 * (size_t)P);
     return PF_OK;
 }
@@ -683,8 +734,8 @@ int pf_model_logp_backward(pf_model *m, const int32_t *tokens, size_t n_tokens, 
         return pf_fail(st, PF_EINVAL, "logp_backward needs an adapter: call lora_init first");
     for (int j = 0; j < 2 * P; j++)
         if (!isfinite(coef[j])) return pf_fail(st, PF_EINVAL, "coef[%d] is not finite", j);
-    return forward_backward(m, tokens, n_tokens, seg, P, dropout_seed, given_coef, (void *)coef,
-                            logp, n, st);
+    return forward_backward(m, tokens, n_tokens, seg, P, dropout_seed, 0, given_coef,
+                            (void *)coef, logp, n, st);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -707,7 +758,7 @@ int pf_model_generate(pf_model *m, const int32_t *prompt, size_t n_prompt, int m
     size_t L = (size_t)c->n_layers;
     size_t smax = n_prompt * n_prompt > maxT ? n_prompt * n_prompt : maxT;
     pf_work w;
-    if (work_alloc(&w, m, n_prompt, 0, smax, 0, lo, 0, 1, st)) return st->code;
+    if (work_alloc(&w, m, n_prompt, 0, 1, smax, 0, lo, 0, 1, st)) return st->code;
     /* cache [L][2][maxT, K] and logits [V] in one block */
     float *cache = pf_malloc(sizeof(float) * (2 * L * maxT * K + V), "KV cache", st);
     if (!cache) {

@@ -20,7 +20,8 @@
  * + 2*S                                attention probabilities / their gradient, one
  *                                      (pair, block, head) at a time
  * + c*(D + V)                          head logits, one chunk at a time
- * + 5n                                 scoring index, per-token log-probs and their grads
+ * + 5n + 8P                           scoring index, per-token log-probs and their grads,
+ *                                      per-completion and per-prompt sums and coefficients
  * + n_lora_params                      this step's LoRA gradients (added to the arena
  *                                      only if all finite)
  *
@@ -128,10 +129,14 @@ typedef struct {
  * pair against ref [P,2], backward; ACCUMULATES weight * d(sum_p loss_p)/dLoRA
  * into the LoRA grad arena (only if every gradient is finite, else
  * PF_ENONFINITE and the arena is untouched). Requires an adapter and
- * chosen_len, rejected_len >= 1 for every pair. */
+ * chosen_len, rejected_len >= 1 for every pair. nll_with_prompt (ORPO only):
+ * the NLL term is the mean over prompt tokens 1..lp-1 and the chosen tokens
+ * (TRL's ORPOTrainer), instead of the chosen tokens only; the head then also
+ * runs over the prompt positions (n grows by sum(lp - 1) in the memory formula). */
 int pf_model_train_step(pf_model *m, const int32_t *tokens, size_t n_tokens, const int32_t *seg,
                         int P, const double *ref, const pf_objective *obj, double weight,
-                        uint64_t dropout_seed, pf_train_out *out, pf_status *st);
+                        uint64_t dropout_seed, int nll_with_prompt, pf_train_out *out,
+                        pf_status *st);
 
 /* Same forward/backward as train_step with given coefficients instead of an
  * objective: ACCUMULATES d(sum_p coef[p,0]*Lc_p + coef[p,1]*Lr_p)/dLoRA into the

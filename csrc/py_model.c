@@ -380,8 +380,26 @@ static PyObject *Model_train_step(PyModel *self, PyObject *args, PyObject *kwds)
         PyErr_SetString(PyExc_ValueError, "weight must be a finite number");
         return NULL;
     }
+    /* "nll_include_prompt" (ORPO, TRL's NLL over prompt + chosen) is the model's
+     * business (it scores prompt tokens); the rest goes to pf_objective_from_py */
+    int with_prompt = 0;
+    PyObject *flag = PyDict_GetItemString(objd, "nll_include_prompt"); /* borrowed */
     pf_objective obj;
-    if (pf_objective_from_py(objd, &obj)) return NULL;
+    if (flag) {
+        if ((with_prompt = PyObject_IsTrue(flag)) < 0) return NULL;
+        PyObject *rest = PyDict_Copy(objd);
+        if (!rest) return NULL;
+        int bad = PyDict_DelItemString(rest, "nll_include_prompt") < 0 ||
+                  pf_objective_from_py(rest, &obj) < 0;
+        Py_DECREF(rest);
+        if (bad) return NULL;
+        if (with_prompt && obj.kind != PF_OBJ_ORPO) {
+            PyErr_SetString(PyExc_ValueError, "objective: nll_include_prompt is an ORPO option");
+            return NULL;
+        }
+    } else if (pf_objective_from_py(objd, &obj)) {
+        return NULL;
+    }
     batch_args b;
     if (batch_parse(self, tokens, segments, &b)) return NULL;
     PyArrayObject *ref = pf_as_array(refo, NPY_FLOAT64, 2, "ref");
@@ -409,7 +427,8 @@ static PyObject *Model_train_step(PyModel *self, PyObject *args, PyObject *kwds)
     if (model_claim(self)) goto fail;
     Py_BEGIN_ALLOW_THREADS
     rc = pf_model_train_step(&self->m, PyArray_DATA(b.tok), b.n_tokens, PyArray_DATA(b.seg), b.P,
-                             PyArray_DATA(ref), &obj, weight, (uint64_t)seed, &out, &st);
+                             PyArray_DATA(ref), &obj, weight, (uint64_t)seed, with_prompt, &out,
+                             &st);
     Py_END_ALLOW_THREADS
     self->busy = 0;
     if (rc) {
@@ -640,7 +659,8 @@ static PyObject *Model_lora_state(PyModel *self, PyObject *args, PyObject *kwds)
                 npy_intp d0 = is_b ? l->out_dim[t] : l->rank, d1 = is_b ? l->rank : l->in_dim[t];
                 PyObject *a = new_array(2, d0, d1, NPY_FLOAT32);
                 if (!a) goto fail;
-                const float *src = is_b ? pf_lora_b(l, base, layer, t) : pf_lora_a(l, base, layer, t);
+                const float *src =
+                    is_b ? pf_lora_b(l, base, layer, t) : pf_lora_a(l, base, layer, t);
                 memcpy(PyArray_DATA((PyArrayObject *)a), src, sizeof(float) * (size_t)(d0 * d1));
                 lora_name(name, sizeof name, layer, t, is_b);
                 int rc = PyDict_SetItemString(d, name, a);
@@ -697,14 +717,16 @@ static PyObject *lora_load_state_impl(PyModel *self, PyObject *state, const char
                     PyArrayObject *a = pf_as_array(obj, NPY_FLOAT32, 2, what);
                     if (!a) return NULL;
                     if (PyArray_DIM(a, 0) != d0 || PyArray_DIM(a, 1) != d1) {
-                        PyErr_Format(PyExc_ValueError, "%s has shape (%zd, %zd), expected (%zd, %zd)",
+                        PyErr_Format(PyExc_ValueError,
+                                     "%s has shape (%zd, %zd), expected (%zd, %zd)",
                                      what, (Py_ssize_t)PyArray_DIM(a, 0),
                                      (Py_ssize_t)PyArray_DIM(a, 1), (Py_ssize_t)d0, (Py_ssize_t)d1);
                         Py_DECREF(a);
                         return NULL;
                     }
                     if (pass == 1) {
-                        float *dst = is_b ? pf_lora_b(l, base, layer, t) : pf_lora_a(l, base, layer, t);
+                        float *dst =
+                            is_b ? pf_lora_b(l, base, layer, t) : pf_lora_a(l, base, layer, t);
                         memcpy(dst, PyArray_DATA(a), sizeof(float) * (size_t)(d0 * d1));
                     } else {
                         expected++;
@@ -921,7 +943,9 @@ static PyMethodDef Model_methods[] = {
      "int32, per_token float32}: completion log-prob sums of a packed prefix-shared batch."},
     {"train_step", (PyCFunction)(void (*)(void))Model_train_step, METH_VARARGS | METH_KEYWORDS,
      "train_step(tokens, segments, ref, objective, weight=1.0, dropout_seed=0) -> per-pair "
-     "numbers; accumulates weight * d(sum of pair losses)/d(LoRA params) into the grads."},
+     "numbers; accumulates weight * d(sum of pair losses)/d(LoRA params) into the grads. "
+     "objective may carry nll_include_prompt=True (ORPO: NLL over prompt + chosen tokens, as "
+     "TRL)."},
     {"_completion_logits", (PyCFunction)(void (*)(void))Model_completion_logits,
      METH_VARARGS | METH_KEYWORDS,
      "_completion_logits(tokens, segments, use_lora=True) -> float32 [n_completion, V] (test "

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 from . import batching
-from .train import CONTROL_FIELDS, OBJECTIVE_FIELDS, TrainConfig, prepare_pairs, train
+from .train import OBJECTIVE_FIELDS, TrainConfig, _LazyBar, prepare_pairs, train
 
 __all__ = ["ablate", "AblationResult", "check_comparable", "run_name", "results_table",
            "load_ablation"]
@@ -265,9 +265,12 @@ def ablate(model, pairs, objectives: Sequence[str] = ("dpo", "simpo"),
     cache = out / "ref_cache"
     vocab = model.config.get("vocab_size") if isinstance(getattr(model, "config", None), dict) else None
     t0 = time.time()
+    bar = _LazyBar(len(held_tps), "baseline (held-out, adapter off)", progress)
     held_ref, held_n, _ = batching.reference_logps(
         core, held_tps, cache_dir=cache, batch_size=base.eval_batch_size,
-        key_extra=(base.max_length, base.max_prompt_length), vocab_size=vocab)
+        key_extra=(base.max_length, base.max_prompt_length), vocab_size=vocab,
+        progress=bar.update)
+    bar.close()
     scores = None
     if scorer is not None:
         scores = ev_mod.score_generations(core, getattr(model, "tokenizer", None), held_tps,

@@ -309,11 +309,16 @@ class TrainConfig:
         return cls(**d)
 
     def settings(self) -> dict:
-        """Resolved, human-readable settings (what a report lists)."""
+        """Resolved, human-readable settings (what a report lists): the objective's own
+        parameters as the core uses them (``objective_params``; parameters of other
+        objectives are left out), LoRA alpha/dropout/targets as used, and the rest."""
         d = self.to_dict()
-        d.update(beta_used=self.resolved_beta, gamma_used=self.resolved_gamma,
-                 lora_alpha_used=self.resolved_alpha, lora_dropout_used=self.effective_lora_dropout,
-                 lora_targets_used=list(self.targets))
+        for k in OBJECTIVE_FIELDS:
+            if k != "objective":
+                d.pop(k)
+        d["objective_params"] = self.objective_dict()
+        d.update(lora_alpha=self.resolved_alpha, lora_dropout=self.effective_lora_dropout,
+                 lora_targets=list(self.targets))
         return d
 
     def fixed_settings(self) -> dict:
@@ -763,16 +768,21 @@ class _Run:
         else:
             core.lora_remove()
             use_ref_lora = False
+        rbar = _LazyBar(len(self.train), "reference log-probs (train)", self.progress)
         ref, n_ref, _ = batching.reference_logps(core, self.train, cache_dir=self.cache_dir,
                                                  batch_size=cfg.eval_batch_size,
                                                  use_lora=use_ref_lora, key_extra=key_extra,
-                                                 vocab_size=vocab)
+                                                 vocab_size=vocab, progress=rbar.update)
+        rbar.close()
         self.ref = ref
         self.eval_ref = None
         if self.eval:
+            rbar = _LazyBar(len(self.eval), "reference log-probs (held-out)", self.progress)
             self.eval_ref, _, _ = batching.reference_logps(
                 core, self.eval, cache_dir=self.cache_dir, batch_size=cfg.eval_batch_size,
-                use_lora=use_ref_lora, key_extra=key_extra, vocab_size=vocab)
+                use_lora=use_ref_lora, key_extra=key_extra, vocab_size=vocab,
+                progress=rbar.update)
+            rbar.close()
 
         # adapter: fresh, continued, or restored from the checkpoint
         self.window = []
@@ -906,7 +916,7 @@ class _Run:
         return res
 
 
-def _progress_bar(total, initial, name, enabled):
+def _progress_bar(total, initial, name, enabled, unit="step"):
     try:
         from tqdm.auto import tqdm
     except ImportError:  # pragma: no cover - tqdm is a dependency
@@ -917,8 +927,24 @@ def _progress_bar(total, initial, name, enabled):
             def set_postfix(self, **k): pass
             def close(self): pass
         return _Null()
-    return tqdm(total=total, initial=initial, desc=name or "train", unit="step", leave=True,
+    return tqdm(total=total, initial=initial, desc=name or "train", unit=unit, leave=True,
                 dynamic_ncols=True)
+
+
+class _LazyBar:
+    """A progress bar created on the first update (so cached results show no bar)."""
+
+    def __init__(self, total, desc, enabled):
+        self.total, self.desc, self.enabled, self.bar = total, desc, enabled, None
+
+    def update(self, n=1):
+        if self.bar is None:
+            self.bar = _progress_bar(self.total, 0, self.desc, self.enabled, unit="pair")
+        self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
 
 
 def _step_numbers(outs, grad_norm, lr) -> dict:

@@ -40,8 +40,9 @@ def test_matrix_structure(tmp_path, data):
         assert cfg["lora_rank"] == r.rank and cfg["objective"] == r.objective
         assert cfg["fixed"] == res.runs[0].settings["fixed"]
     simpo = [r for r in res.runs if r.objective == "simpo"][0]
-    assert simpo.settings["gamma_used"] == pytest.approx(0.6)
-    assert res.runs[0].settings["beta_used"] == 0.1
+    assert simpo.settings["objective_params"]["gamma"] == pytest.approx(0.6)
+    assert res.runs[0].settings["objective_params"] == {"kind": "dpo", "beta": 0.1,
+                                                        "label_smoothing": 0.0}
     # baseline once, at the base model: ref margins are 0 by construction
     assert all(p.ref_margin == 0.0 for p in res.baseline.pairs)
     assert json.loads((tmp_path / "baseline.json").read_text())["pairs"]
@@ -107,3 +108,23 @@ def test_split_of_one_list(tmp_path):
     assert len(tr) == 10 and len(he) == 5 and not {p.id for p in tr} & {p.id for p in he}
     tr, he = experiment._split(None, pairs, None, ["p1", "p2"], 0)
     assert [p.id for p in he] == ["p1", "p2"]
+
+
+def test_cli_flags_map_to_configs():
+    from prefopt.__main__ import DEFAULTS, build_parser, configs_from_args
+
+    p = build_parser()
+    base, params = configs_from_args(p.parse_args(["ablate"]))
+    assert base.max_steps == DEFAULTS["max_steps"] and base.objective == "dpo"
+    assert params == {"dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0},
+                      "simpo": {"beta": 2.0, "sft_weight": 0.0, "gamma_beta_ratio": 0.5}}
+    args = p.parse_args(["ablate", "--objectives", "dpo,orpo", "--ranks", "4,2", "--lr", "1e-3",
+                         "--steps", "7", "--lora-targets", "q,v", "--orpo-lambda", "0.2",
+                         "--max-prompt-length", "0", "--simpo-gamma", "0.3"])
+    base, params = configs_from_args(args)
+    assert args.ranks == [4, 2] and base.learning_rate == 1e-3 and base.max_steps == 7
+    assert base.targets == ("q_proj", "v_proj") and base.max_prompt_length is None
+    assert params == {"dpo": {"beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0},
+                      "orpo": {"orpo_lambda": 0.2}}
+    with pytest.raises(SystemExit):
+        p.parse_args(["ablate", "--simpo-gamma", "0.3", "--gamma-beta-ratio", "0.5"])

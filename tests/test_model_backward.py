@@ -133,6 +133,44 @@ def test_lora_grads_match_peft_autograd(arch, tied, obj):
     assert_grads_close({k: v / 2 for k, v in got2.items()}, want, 1e-4)
 
 
+def test_orpo_nll_over_prompt_and_chosen_matches_peft():
+    """ORPO with nll_include_prompt: NLL = mean over every predicted token of prompt+chosen
+    (TRL ORPOTrainer's cross-entropy on the whole chosen sequence); odds ratio unchanged."""
+    hf = tm.make_model("qwen2", seed=24)
+    m = tm.to_prefopt(hf)
+    m.lora_init(4, 8.0, "all-linear", seed=6)
+    rng = np.random.default_rng(12)
+    state = with_random_B(m, rng)
+    pairs = tm.random_pairs(rng, 4, 97, prompt=(1, 8))
+    pairs[0] = ([7], pairs[0][1], pairs[0][2])  # a 1-token prompt has no scored prompt token
+    tok, seg = tm.pack(pairs)
+    lam, weight = 0.4, 0.5
+    obj = {"kind": "orpo", "lambda": lam, "nll_include_prompt": True}
+    m.zero_grad()
+    out = m.train_step(tok, seg, np.zeros((4, 2)), obj, weight)
+    got = m.lora_state("grads")
+    plain = m.train_step(tok, seg, np.zeros((4, 2)), {"kind": "orpo", "lambda": lam}, weight)
+    np.testing.assert_array_equal(plain["log_odds"], out["log_odds"])
+    assert not np.allclose(plain["nll"], out["nll"])
+    pm, params = peft_model(hf, state, 4, 8.0)
+    total, nlls = 0.0, []
+    for p, c, r in pairs:
+        ids = torch.tensor([list(p) + list(c)])
+        lp_all = torch.log_softmax(pm(ids).logits[0, :-1], -1)
+        nll = F.nll_loss(lp_all, ids[0, 1:])  # mean over every predicted token
+        Lc, Lr = torch_logp(pm, p, c), torch_logp(pm, p, r)
+        log_odds = lambda a: a - torch.log(-torch.expm1(a))
+        ratio = log_odds(Lc / len(c)) - log_odds(Lr / len(r))
+        total = total + nll - lam * F.logsigmoid(ratio)
+        nlls.append(nll.item())
+    (weight * total).backward()
+    np.testing.assert_allclose(out["nll"], nlls, atol=1e-5)
+    assert abs(out["loss"].sum() - total.item()) < 1e-4
+    assert_grads_close(got, {k: p.grad.numpy() for k, p in params.items()}, 1e-4)
+    with pytest.raises(ValueError, match="ORPO"):
+        m.train_step(tok, seg, np.zeros((4, 2)), {"kind": "dpo", "nll_include_prompt": True}, 1.0)
+
+
 def test_rslora_and_subset_targets_match_peft():
     hf = tm.make_model("qwen2", seed=12)
     m = tm.to_prefopt(hf)

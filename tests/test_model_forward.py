@@ -125,7 +125,7 @@ def formula_floats(cfg, seg, train, rank=0, n_targets=0, n_lora=0, dropout=False
         return T * (5 * D + 2 * Q + 2 * K + 3 * F + H + 4) + T * rank * n_targets + S + head + 4 * n
     per_layer = T * (3 * D + 2 * Q + 2 * K + 3 * F + H + 2) + T * rank * n_targets
     return ((L + 1) * T * D + T * (7 * D + 4 * Q + 4 * K + 6 * F + H + 4) + T * rank * (n_targets + 1)
-            + (T * max(D, F, Q) if dropout else 0) + 2 * S + head + 5 * n + n_lora
+            + (T * max(D, F, Q) if dropout else 0) + 2 * S + head + 5 * n + 8 * len(seg) + n_lora
             + (keep - 1) * per_layer)
 
 

@@ -433,3 +433,39 @@ def test_evaluate_standalone_matches_run(make_model, tmp_path):
     assert all(p.ref_margin == 0.0 for p in base.pairs) and base.metrics.get("eval_loss") is None
     with pytest.raises(ValueError, match="no held-out pairs"):
         evaluate(m, [], config=c)
+
+
+class WordTok:
+    """Decodes ids as words; eos id 0."""
+    eos_id = 0
+
+    def decode(self, ids, skip_special=False):
+        return " ".join(f"w{i}" for i in ids if not (skip_special and i == 0))
+
+
+def test_user_scorer_on_greedy_generations(make_model, tmp_path):
+    from prefopt.evaluate import evaluate
+
+    class WithTok:
+        def __init__(self, core):
+            self.core, self.tokenizer = core, WordTok()
+
+    seen = []
+
+    def scorer(prompt, text, pair):
+        seen.append((pair.id, text))
+        return float(len(text.split()))
+
+    tr, ev = random_pairs(6, VOCAB), random_pairs(3, VOCAB, seed=1)
+    m = WithTok(make_model())
+    r = train(m, tr, ev, cfg(max_steps=2, eval_every=0), tmp_path, progress=False, scorer=scorer)
+    assert [p.score for p in r.heldout.pairs] == [float(len(t.split())) for _, t in seen[-3:]]
+    assert "eval_score" in r.eval_entries()[-1]
+    # generation is greedy: the same adapter gives the same texts and scores
+    texts = [t for _, t in seen[-3:]]
+    again = evaluate(m, ev, config=cfg(max_steps=2), scorer=scorer, max_new_tokens=128)
+    assert [t for _, t in seen[-3:]] == texts
+    assert [p.score for p in again.pairs] == [p.score for p in r.heldout.pairs]
+    # the prompt handed to the scorer is the pair's prompt (ids for tokenised pairs)
+    with pytest.raises(TypeError, match="must return a number"):
+        evaluate(m, ev, scorer=lambda p, t, x: "good")
