@@ -237,6 +237,25 @@ def child_prefopt(args, pairs):
             "threads": prefopt.get_num_threads()}
 
 
+def fix_smollm_pretokenizer(tok, gguf):
+    """transformers' GGUF loader ignores ``tokenizer.ggml.pre = "smollm"`` (digits isolated
+    before the GPT-2 regex, as SmolLM2's published tokenizer.json says) and tokenises e.g.
+    "\\n\\n1." differently from the model's own tokenizer and from prefopt (see
+    prefopt/tokenize.py and tests/test_tokenize.py). Give TRL the model's pre-tokenizer so that
+    both sides train on the same token ids (checked afterwards)."""
+    from gguf import GGUFReader
+    from tokenizers import pre_tokenizers
+
+    r = GGUFReader(gguf)
+    f = r.fields.get("tokenizer.ggml.pre")
+    pre = bytes(f.parts[f.data[0]]).decode() if f is not None else None
+    if pre == "smollm":
+        tok.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    return pre
+
+
 def child_trl(args, pairs):
     import torch
     torch.set_num_threads(args.threads)
@@ -251,6 +270,7 @@ def child_trl(args, pairs):
     gdir, gname = os.path.dirname(os.path.abspath(args.gguf)), os.path.basename(args.gguf)
     t0 = time.perf_counter()
     tok = transformers.AutoTokenizer.from_pretrained(gdir, gguf_file=gname)
+    fix_smollm_pretokenizer(tok, args.gguf)
     model = transformers.AutoModelForCausalLM.from_pretrained(gdir, gguf_file=gname,
                                                               dtype=torch.float32)
     t_load = time.perf_counter() - t0

