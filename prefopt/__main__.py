@@ -24,8 +24,8 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_OBJECTIVES = "dpo,simpo"
 DEFAULT_RANKS = "16,8"
 DEFAULTS = dict(
-    max_steps=16,            # 64 of the 88 training pairs at 4 pairs per step (~0.7 epoch)
-    learning_rate=2e-4,
+    max_steps=8,             # 32 of the 88 training pairs at 4 pairs per step
+    learning_rate=3e-4,      # (a 16-step run at 2e-4 took DPO's held-out loss 0.693 -> 0.47)
     lr_schedule="linear",
     warmup_steps=0,          # (transformers' warmup makes the first step's LR 0)
     pairs_per_step=4,
@@ -33,7 +33,7 @@ DEFAULTS = dict(
     max_length=384,          # the sales pairs fit whole (longest prompt 101, completion 118)
     max_prompt_length=256,
     seed=42,
-    eval_every=8,            # held-out at steps 0 (free: policy == reference), 8 and 16
+    eval_every=0,            # held-out at step 0 (free: policy == reference) and at the end
     logging_steps=1,
     lora_targets="all-linear",
     max_grad_norm=1.0,
