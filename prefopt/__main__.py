@@ -205,7 +205,7 @@ def cmd_ablate(args) -> int:
                              skip_invalid=args.skip_invalid)
     if pairs.skipped:
         print(f"prefopt: skipped {len(pairs.skipped)} malformed records, e.g. "
-              f"{pairs.skipped[0][0]}: {pairs.skipped[0][1]}", flush=True)
+              f"{pairs.skipped[0][1]}", flush=True)
     print(f"prefopt: {len(pairs)} pairs from {data_path}; model {args.model}; "
           f"{threads} thread(s)", flush=True)
     from . import models
