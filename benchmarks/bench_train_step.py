@@ -14,7 +14,9 @@ through prefopt's pipeline) and check that they score the same tokens:
             core.optimizer_step(lr, max_grad_norm=1.0)
   trl       trl.DPOTrainer(model=AutoModelForCausalLM(gguf_file=..., float32, default
             attention = sdpa), peft_config=LoraConfig(...), precompute_ref_log_probs=True,
-            per_device_train_batch_size=P, max_length, use_cpu); timed: each Trainer step
+            per_device_train_batch_size=P, max_length, use_cpu, bf16=False: float32 like
+            prefopt; TRL's default is bf16=True, i.e. bf16 autocast, available as the
+            side 'trl_bf16'); timed: each Trainer step
             (on_step_begin -> on_step_end callback: forward, backward, clipping, AdamW)
 
 The first step of each side is a warm-up and not counted; the median of the next
@@ -127,19 +129,22 @@ def report(args, info, counts, sides):
               f"GFLOP/s model FLOPs, {pf['executed_gflop'] / pf['median_step_s']:.1f} GFLOP/s counting "
               f"the per-layer recompute; forward alone (score with adapters) "
               f"{pf['median_forward_s']:.2f} s")
-    if "trl" in sides:
-        tr = sides["trl"]
-        print(f"trl: torch.mm peak {tr['sgemm_peak']['best_gflops']:.1f} GFLOP/s "
+    for name in ("trl", "trl_bf16"):
+        if name not in sides:
+            continue
+        tr = sides[name]
+        print(f"{name}: torch.mm peak {tr['sgemm_peak']['best_gflops']:.1f} GFLOP/s "
               f"({tr['sgemm_peak']['threads']} threads, 2048^3)")
-    if pf and "trl" in sides:
-        tr = sides["trl"]
+    trl_name = "trl" if "trl" in sides else "trl_bf16" if "trl_bf16" in sides else None
+    if pf and trl_name:
+        tr = sides[trl_name]
         ratio = tr["median_step_s"] / pf["median_step_s"]
         d_ref = np.abs(np.array(pf["ref_logp"]) - np.array(tr["ref_logp"]))
         rel = d_ref / np.maximum(np.abs(np.array(tr["ref_logp"])), 1e-12)
         print(f"equal work: token ids identical in both children: {tr['ids_match']}; reference "
               f"log-prob sums (prefopt vs TRL precompute) max rel diff {rel.max():.2e}; first-step "
               f"loss prefopt {pf['losses'][0]:.6f} vs TRL {tr['losses'][0]:.6f}")
-        print(f"prefopt step is {ratio:.2f}x faster than TRL DPOTrainer + PEFT "
+        print(f"prefopt step is {ratio:.2f}x faster than TRL DPOTrainer + PEFT ({trl_name}) "
               f"({pf['median_step_s'] / args.pairs:.2f} vs {tr['median_step_s'] / args.pairs:.2f} "
               f"s per pair); peak RSS {pf['peak_rss_mb']:.0f} vs {tr['peak_rss_mb']:.0f} MB")
     else:
@@ -256,7 +261,7 @@ def fix_smollm_pretokenizer(tok, gguf):
     return pre
 
 
-def child_trl(args, pairs):
+def child_trl(args, pairs, bf16=False):
     import torch
     torch.set_num_threads(args.threads)
     import datasets
@@ -300,7 +305,7 @@ def child_trl(args, pairs):
         precompute_ref_log_probs=True, precompute_ref_batch_size=P_, report_to="none",
         save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0,
         disable_dropout=True, seed=0, weight_decay=0.0, max_grad_norm=1.0,
-        optim="adamw_torch")
+        optim="adamw_torch", bf16=bf16)  # TRL's own default is bf16=True (autocast)
     lcfg = peft.LoraConfig(r=args.rank, lora_alpha=args.alpha, lora_dropout=0.0,
                            target_modules=TARGETS, task_type="CAUSAL_LM", bias="none")
 
@@ -341,7 +346,7 @@ def child_trl(args, pairs):
     fw = common.forward_flops(cfg, ntok, keys, heads, args.rank, TARGETS)
     bw = common.backward_flops(cfg, ntok, keys, heads, args.rank, TARGETS)
     n_trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    return {"side": "trl", "load_s": t_load, "step_times_s": times,
+    return {"side": "trl_bf16" if bf16 else "trl", "bf16_autocast": bool(bf16), "load_s": t_load, "step_times_s": times,
             "median_step_s": common.median(times), "losses": losses, "ref_logp": ref,
             "ids_match": bool(ids_ok),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
@@ -366,7 +371,9 @@ def main(argv=None):
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--lr", type=float, default=5e-5)
-    ap.add_argument("--sides", default="prefopt,trl", help="comma-separated: prefopt,trl")
+    ap.add_argument("--sides", default="prefopt,trl",
+                    help="comma-separated: prefopt, trl (float32), trl_bf16 (TRL's default bf16 "
+                         "autocast; not the same arithmetic)")
     ap.add_argument("--json", default=None, help="append results as one JSON line to this file")
     ap.add_argument("--side", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--pairs-file", default=None, help=argparse.SUPPRESS)
@@ -376,7 +383,12 @@ def main(argv=None):
         return parent(args)
     with open(args.pairs_file) as f:
         pairs = json.load(f)["pairs"]
-    res = {"prefopt": child_prefopt, "trl": child_trl}[args.side](args, pairs)
+    if args.side == "prefopt":
+        res = child_prefopt(args, pairs)
+    elif args.side in ("trl", "trl_bf16"):
+        res = child_trl(args, pairs, bf16=args.side == "trl_bf16")
+    else:
+        raise SystemExit(f"unknown side {args.side!r} (prefopt, trl, trl_bf16)")
     with open(args.child_out, "w") as f:
         json.dump(res, f)
 

@@ -586,6 +586,16 @@ static PyObject *Model_lora_init(PyModel *self, PyObject *args, PyObject *kwds) 
     }
     int in[PF_LORA_NT], out[PF_LORA_NT];
     pf_model_lora_dims(&self->m, in, out);
+    for (int t = 0; t < PF_LORA_NT; t++) {
+        /* a rank above min(out, in) adds parameters but no expressiveness; refusing it
+         * also turns an absurd rank into an error instead of a huge allocation */
+        if (((mask >> t) & 1u) && (rank > in[t] || rank > out[t])) {
+            PyErr_Format(PyExc_ValueError,
+                         "LoRA rank %d exceeds the smaller side of target %s [%d, %d]", rank,
+                         pf_lora_target_names[t], out[t], in[t]);
+            return NULL;
+        }
+    }
     pf_lora l;
     pf_status st = {0};
     if (pf_lora_create(&l, self->m.c.n_layers, in, out, rank, (float)alpha, rslora,
@@ -723,6 +733,20 @@ static PyObject *lora_load_state_impl(PyModel *self, PyObject *state, const char
                                      (Py_ssize_t)PyArray_DIM(a, 1), (Py_ssize_t)d0, (Py_ssize_t)d1);
                         Py_DECREF(a);
                         return NULL;
+                    }
+                    /* parameters must be finite (grads may be loaded non-finite on purpose,
+                     * e.g. to test the optimizer's guard) */
+                    if (pass == 0 && base == l->params) {
+                        const float *src = (const float *)PyArray_DATA(a);
+                        for (npy_intp i = 0; i < d0 * d1; i++) {
+                            if (!isfinite(src[i])) {
+                                PyErr_Format(PyExc_ValueError,
+                                             "%s has a non-finite value at flat index %zd", what,
+                                             (Py_ssize_t)i);
+                                Py_DECREF(a);
+                                return NULL;
+                            }
+                        }
                     }
                     if (pass == 1) {
                         float *dst =
