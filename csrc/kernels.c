@@ -257,6 +257,8 @@ size_t pf_attn_scratch(const int32_t *seg, int P) {
 
 void pf_attention_forward(float *out, float *lse, const float *q, const float *k, const float *v,
                           const int32_t *seg, int P, int H, int KVH, int hd, float *S) {
+    /* per-head GEMMs are small: run them on this thread only (restored below) */
+    int prev_threads = pf_blas_single_thread_begin();
     size_t ldq = (size_t)H * hd, ldk = (size_t)KVH * hd, t0 = 0;
     for (int p = 0; p < P; p++) {
         int lp = seg[3 * p], lc = seg[3 * p + 1], lr = seg[3 * p + 2];
@@ -270,11 +272,14 @@ void pf_attention_forward(float *out, float *lse, const float *q, const float *k
         }
         t0 += (size_t)n + (size_t)lr;
     }
+    pf_blas_single_thread_end(prev_threads);
 }
 
 void pf_attention_backward(float *dq, float *dk, float *dv, const float *dout, const float *out,
                            const float *lse, const float *q, const float *k, const float *v,
                            const int32_t *seg, int P, int H, int KVH, int hd, float *S, float *dP) {
+    /* per-head GEMMs are small: run them on this thread only (restored below) */
+    int prev_threads = pf_blas_single_thread_begin();
     size_t ldq = (size_t)H * hd, ldk = (size_t)KVH * hd, t0 = 0;
     for (int p = 0; p < P; p++) {
         int lp = seg[3 * p], lc = seg[3 * p + 1], lr = seg[3 * p + 2];
@@ -291,6 +296,7 @@ void pf_attention_backward(float *dq, float *dk, float *dv, const float *dout, c
         }
         t0 += (size_t)n + (size_t)lr;
     }
+    pf_blas_single_thread_end(prev_threads);
 }
 
 /* ------------------------------------------------------------------------ */
