@@ -481,6 +481,31 @@ class _DeferInterrupt:
         return False
 
 
+class _TermAsInterrupt:
+    """While a run trains, SIGTERM (``kill``, ``timeout``, job schedulers) is handled like
+    Ctrl-C: the run saves its checkpoint and log and can be resumed. Only installed from the
+    main thread and only when nobody else handles SIGTERM; the old handler is restored."""
+
+    def __enter__(self):
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            try:
+                if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+                    self.old = signal.signal(signal.SIGTERM, self._handler)
+            except (ValueError, OSError, AttributeError):
+                self.old = None
+        return self
+
+    @staticmethod
+    def _handler(signum, frame):
+        raise KeyboardInterrupt("SIGTERM")
+
+    def __exit__(self, et, ev, tb):
+        if self.old is not None:
+            signal.signal(signal.SIGTERM, self.old)
+        return False
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -1022,7 +1047,8 @@ def train(model, train_pairs, eval_pairs=None, config: Optional[TrainConfig] = N
         dropped += dropped_eval
     run = _Run(model, train_tps, eval_tps, config, out_dir, name or Path(out_dir).name, dropped,
                progress, callback, init_adapter, scorer, baseline, extra_settings)
-    return run.run(resume=resume, overwrite=overwrite)
+    with _TermAsInterrupt():
+        return run.run(resume=resume, overwrite=overwrite)
 
 
 def load_run(out_dir):
