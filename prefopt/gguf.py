@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
+from ._mmapfile import MmapBacked
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -156,7 +157,7 @@ def _read_value(cur: _Cursor, vtype: int, key: str, depth: int = 0):
     cur.fail(f"key {key!r} has unknown value type {vtype} (known: 0-12)")
 
 
-class GGUFFile:
+class GGUFFile(MmapBacked):
     """A parsed GGUF file. Attributes: ``path``, ``version``, ``metadata`` (dict of
     plain Python values), ``value_types`` (key -> GGUF value type id), ``tensors``
     (dict name -> GGUFTensorInfo, file order), ``alignment``, ``data_offset``."""
@@ -285,20 +286,6 @@ class GGUFFile:
         t = self._info(name)
         return _core.dequantize(t.ggml_type, self.raw(name), t.n_elements).reshape(t.shape)
 
-    def close(self):
-        """Release the mmap (deferred to garbage collection while raw() views exist)."""
-        mm, self._mm = getattr(self, "_mm", None), None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def __repr__(self):
         arch = self.metadata.get("general.architecture", "?") if hasattr(self, "metadata") else "?"

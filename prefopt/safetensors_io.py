@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import _core
+from ._mmapfile import MmapBacked
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024   # the format's own cap
 # dtype -> bytes per element (all dtypes the format defines, so sizes can be checked)
@@ -49,7 +50,7 @@ class SafetensorsEntry:
     nbytes: int
 
 
-class SafetensorsFile:
+class SafetensorsFile(MmapBacked):
     """One .safetensors file: ``entries`` (name -> SafetensorsEntry), ``metadata``."""
 
     def __init__(self, path):
@@ -136,19 +137,6 @@ class SafetensorsFile:
         raw = np.frombuffer(self._mm, dtype=np.uint8, count=e.nbytes, offset=e.offset)
         return _core.dequantize(_GGML_OF[e.dtype], raw, n).reshape(e.shape)
 
-    def close(self):
-        mm, self._mm = getattr(self, "_mm", None), None
-        if mm is not None:
-            try:
-                mm.close()
-            except BufferError:
-                pass
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 class SafetensorsCheckpoint:
